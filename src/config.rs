@@ -1,0 +1,577 @@
+//! Settings: `config/default.toml`, then `config/<APP_ENV>.toml`, then
+//! environment variables (`BURROW__AMQP__URL`, `BURROW__CONSUMER__PREFETCH`, ...).
+//!
+//! Everything is validated once at start; an error names the key, the value
+//! and what would be accepted. The broker URL is wrapped in [`AmqpUrl`] whose
+//! `Debug` and `Display` hide the password, so printing a [`Settings`] is safe.
+
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// All of burrow's settings. Build one with [`Settings::load`] (files and
+/// environment) or start from [`Settings::default`] in code and tests.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The app this worker belongs to: names its queues.
+    pub app: AppSettings,
+    /// Broker connection and exchange.
+    pub amqp: AmqpSettings,
+    /// The app queue and its dead-letter queue.
+    pub queue: QueueSettings,
+    /// Delivery loop tuning.
+    pub consumer: ConsumerSettings,
+    /// The retry ladder.
+    pub retry: RetrySettings,
+    /// The confirmed publisher.
+    pub publisher: PublisherSettings,
+    /// Health and metrics endpoint.
+    pub http: HttpSettings,
+    /// Log output.
+    pub log: LogSettings,
+}
+
+/// `[app]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppSettings {
+    /// The app name (`app.name`): every instance of one app shares one queue,
+    /// `events_<name>`. Letters, digits, `-`, `_` and `.` only.
+    pub name: String,
+}
+
+impl Default for AppSettings {
+    fn default() -> Self {
+        Self {
+            name: "app".into(),
+        }
+    }
+}
+
+/// `[amqp]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://user:password@host:5672/%2f` (or `amqps://`).
+    pub url: AmqpUrl,
+    /// The topic exchange events are published to.
+    pub exchange: String,
+    /// Heartbeat interval in seconds asked of the broker (0 disables).
+    pub heartbeat: u16,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: AmqpUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "domain_events".into(),
+            heartbeat: 30,
+        }
+    }
+}
+
+/// The kind of RabbitMQ queue used for the app queue and its dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, durable, supports delivery limits and at-least-once
+    /// dead-lettering. The default.
+    #[default]
+    Quorum,
+    /// Single-node classic queue (no delivery limit, at-most-once dead-lettering).
+    Classic,
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        })
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Name of the app queue; `events_<app.name>` when unset.
+    pub name: Option<String>,
+    /// `quorum` (default) or `classic`.
+    #[serde(rename = "type")]
+    pub kind: QueueType,
+    /// Quorum queues only: after this many redeliveries of one message (worker
+    /// crashes, channel losses) the broker parks it in the dead-letter queue.
+    pub delivery_limit: u32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            name: None,
+            kind: QueueType::Quorum,
+            delivery_limit: 20,
+        }
+    }
+}
+
+/// `[consumer]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Unacknowledged deliveries the broker may push to this worker (basic.qos).
+    pub prefetch: u16,
+    /// Deliveries handled at the same time.
+    pub concurrency: usize,
+    /// A handler running longer than this fails transiently.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// Bodies larger than this are dead-lettered unread.
+    pub max_body_bytes: usize,
+    /// How long in-flight handlers may run after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            prefetch: 64,
+            concurrency: 16,
+            handler_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// One retry queue per delay; a message that failed on attempt `n` waits
+    /// `delays[n-1]`. When the list is used up the message is dead-lettered.
+    #[serde(with = "humantime_serde_vec")]
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                Duration::from_secs(600),
+            ],
+        }
+    }
+}
+
+/// `[publisher]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublisherSettings {
+    /// Long-lived confirm-mode channels in the publisher's pool.
+    pub channels: usize,
+    /// Publishes sent but not yet confirmed, across the pool; further
+    /// publishes wait for a slot (backpressure).
+    pub max_in_flight: usize,
+    /// How long to wait for the broker's confirm.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for PublisherSettings {
+    fn default() -> Self {
+        Self {
+            channels: 4,
+            max_in_flight: 1024,
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of the health and metrics endpoint; unset disables it.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `burrow=debug,lapin=warn`); `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info,lapin=warn".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `<dir>/default.toml`, then `<dir>/<APP_ENV>.toml` when `APP_ENV`
+    /// is set, then `BURROW__SECTION__KEY` environment variables, and
+    /// validates the result. `dir` is `config` unless `BURROW_CONFIG_DIR` says
+    /// otherwise. A missing `default.toml` is fine (built-in defaults apply).
+    ///
+    /// ```no_run
+    /// let settings = burrow::Settings::load()?;
+    /// println!("consuming {}", settings.app_queue());
+    /// # Ok::<(), burrow::Error>(())
+    /// ```
+    pub fn load() -> Result<Self> {
+        let dir = std::env::var("BURROW_CONFIG_DIR").unwrap_or_else(|_| "config".into());
+        let app_env = std::env::var("APP_ENV").ok().filter(|s| !s.is_empty());
+        Self::load_from(Path::new(&dir), app_env.as_deref())
+    }
+
+    /// Like [`Settings::load`] with an explicit directory and environment name.
+    pub fn load_from(dir: &Path, app_env: Option<&str>) -> Result<Self> {
+        let mut builder = config::Config::builder().add_source(
+            config::File::from(dir.join("default.toml"))
+                .format(config::FileFormat::Toml)
+                .required(false),
+        );
+        if let Some(env) = app_env {
+            let path = dir.join(format!("{env}.toml"));
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "APP_ENV={env} but {} does not exist; create it or unset APP_ENV",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("BURROW")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("retry.delays")
+                .try_parsing(true),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value; the error names the key and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: &dyn fmt::Display, fix: &str| {
+            Err(Error::Config(format!("{key} = {value} is invalid: {fix}")))
+        };
+        if !valid_name(&self.app.name) {
+            return bad(
+                "app.name",
+                &format!("{:?}", self.app.name),
+                "use 1-200 letters, digits, '-', '_' or '.' (it names the queues events_<app.name>)",
+            );
+        }
+        if let Some(name) = &self.queue.name
+            && !valid_name(name)
+        {
+            return bad(
+                "queue.name",
+                &format!("{name:?}"),
+                "use 1-200 letters, digits, '-', '_' or '.'",
+            );
+        }
+        if !valid_name(&self.amqp.exchange) {
+            return bad(
+                "amqp.exchange",
+                &format!("{:?}", self.amqp.exchange),
+                "use 1-200 letters, digits, '-', '_' or '.'",
+            );
+        }
+        self.amqp.url.validate()?;
+        if self.consumer.prefetch == 0 {
+            return bad("consumer.prefetch", &0, "use 1 or more (0 would mean unlimited)");
+        }
+        if self.consumer.concurrency == 0 {
+            return bad("consumer.concurrency", &0, "use 1 or more");
+        }
+        if self.consumer.handler_timeout.is_zero() {
+            return bad("consumer.handler_timeout", &"0s", "use a positive duration such as \"30s\"");
+        }
+        if self.consumer.max_body_bytes == 0 {
+            return bad("consumer.max_body_bytes", &0, "use 1 or more");
+        }
+        if self.queue.delivery_limit == 0 {
+            return bad("queue.delivery_limit", &0, "use 1 or more (20 is RabbitMQ 4's default)");
+        }
+        for (i, delay) in self.retry.delays.iter().enumerate() {
+            let ms = delay.as_millis();
+            if ms == 0 || ms > u128::from(u32::MAX) {
+                return bad(
+                    &format!("retry.delays[{i}]"),
+                    &humantime::format_duration(*delay),
+                    "use between 1ms and 49 days (RabbitMQ's x-message-ttl is a 32-bit millisecond count)",
+                );
+            }
+        }
+        if self.publisher.channels == 0 {
+            return bad("publisher.channels", &0, "use 1 or more");
+        }
+        if self.publisher.max_in_flight == 0 {
+            return bad("publisher.max_in_flight", &0, "use 1 or more");
+        }
+        if self.publisher.confirm_timeout.is_zero() {
+            return bad("publisher.confirm_timeout", &"0s", "use a positive duration such as \"30s\"");
+        }
+        Ok(())
+    }
+
+    /// The app queue: `queue.name`, or `events_<app.name>`.
+    pub fn app_queue(&self) -> String {
+        self.queue
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("events_{}", self.app.name))
+    }
+
+    /// The app's dead-letter queue: `<app queue>.dead`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.app_queue())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The `config` crate quotes offending values in its messages; a bad URL
+/// value would carry the password with it.
+fn redact_config_error(message: String) -> String {
+    redact_urls(&message)
+}
+
+/// Replaces the password of every `scheme://user:password@` in `text` with `***`.
+pub(crate) fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '/')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                if userinfo.contains(':') {
+                    out.push_str(user);
+                    out.push_str(":***");
+                } else {
+                    out.push_str(user);
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The broker URL. `Display` and `Debug` show it with the password replaced
+/// by `***`; only [`AmqpUrl::expose`] returns the real value, for connecting.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the connection only. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn validate(&self) -> Result<()> {
+        let scheme_ok = self.0.starts_with("amqp://") || self.0.starts_with("amqps://");
+        if !scheme_ok {
+            return Err(Error::Config(format!(
+                "amqp.url = {self} is invalid: it must start with amqp:// or amqps://, \
+                 e.g. amqp://user:password@127.0.0.1:5672/%2f"
+            )));
+        }
+        if let Err(e) = self.0.parse::<lapin::uri::AMQPUri>() {
+            return Err(Error::Config(format!(
+                "amqp.url = {self} is invalid: {}; expected amqp://user:password@host:port/vhost",
+                redact_urls(&e)
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_urls(&self.0))
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({self})")
+    }
+}
+
+/// `humantime_serde` handles one duration; the ladder is a list of them,
+/// given in TOML as `["1s", "10s"]` or in the environment as `1s,10s`.
+mod humantime_serde_vec {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|s| {
+                humantime::parse_duration(s.trim()).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "retry.delays: {s:?} is not a duration ({e}); use values such as \"500ms\", \"10s\", \"1m\""
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_toml_matches_built_in_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let text = std::fs::read_to_string(dir.join("default.toml")).unwrap();
+        let parsed: Settings = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(parsed, Settings::default());
+    }
+
+    #[test]
+    fn every_environment_file_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let env = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            if env != "default" {
+                Settings::load_from(&dir, Some(&env))
+                    .unwrap_or_else(|e| panic!("config/{env}.toml: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn url_display_and_debug_hide_the_password() {
+        let url = AmqpUrl::new("amqp://svc:s3cr3t-pw@broker:5672/%2f");
+        assert_eq!(url.to_string(), "amqp://svc:***@broker:5672/%2f");
+        assert!(!format!("{url:?}").contains("s3cr3t-pw"));
+        let settings = Settings {
+            amqp: AmqpSettings {
+                url,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(!format!("{settings:?}").contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn redaction_keeps_text_without_credentials() {
+        assert_eq!(redact_urls("amqp://host:5672/x"), "amqp://host:5672/x");
+        assert_eq!(redact_urls("a amqps://u:p@h b"), "a amqps://u:***@h b");
+        assert_eq!(redact_urls("no url here"), "no url here");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut s = Settings::default();
+        s.consumer.prefetch = 0;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("consumer.prefetch"), "{e}");
+
+        let mut s = Settings::default();
+        s.app.name = "my app".into();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("app.name") && e.contains("\"my app\""), "{e}");
+
+        let mut s = Settings::default();
+        s.amqp.url = AmqpUrl::new("http://u:hunter2@host");
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("amqp.url") && !e.contains("hunter2"), "{e}");
+
+        let mut s = Settings::default();
+        s.retry.delays = vec![Duration::ZERO];
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("retry.delays[0]"), "{e}");
+    }
+
+    #[test]
+    fn names_derive_from_the_app() {
+        let mut s = Settings::default();
+        s.app.name = "library".into();
+        assert_eq!(s.app_queue(), "events_library");
+        assert_eq!(s.dead_letter_queue(), "events_library.dead");
+        s.queue.name = Some("custom".into());
+        assert_eq!(s.dead_letter_queue(), "custom.dead");
+    }
+}

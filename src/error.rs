@@ -1,0 +1,214 @@
+//! burrow's error type.
+//!
+//! Every variant carries a verdict: [`Error::is_retryable`] is a `match` with
+//! no wildcard arm, so adding a variant forces a decision about whether a
+//! caller (or the reconnect loop) should try again.
+
+use std::time::Duration;
+
+/// Errors returned by burrow's publisher, topology and worker.
+///
+/// Messages name the thing that failed, the value involved and what to do
+/// about it. None of them ever contains the broker password: URLs are
+/// rendered through [`crate::config::AmqpUrl`]'s redacting `Display`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration could not be loaded or failed validation.
+    #[error("configuration error: {0}")]
+    Config(String),
+
+    /// The broker could not be reached or the connection failed.
+    #[error("cannot connect to RabbitMQ at {url}: {source}; check that the broker runs and that amqp.url is right")]
+    Connect {
+        /// The redacted broker URL.
+        url: String,
+        /// The underlying AMQP error.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// An AMQP operation failed on an open connection.
+    #[error("AMQP {operation} failed: {source}")]
+    Amqp {
+        /// What burrow was doing (`queue.declare events_library`, `basic.publish`, ...).
+        operation: String,
+        /// The underlying AMQP error.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// An entity already exists on the broker with arguments that differ from
+    /// what burrow declares (RabbitMQ answers `PRECONDITION_FAILED - inequivalent arg`).
+    #[error(
+        "{kind} '{name}' already exists on the broker with {argument} = {existing}, but burrow declares {argument} = {declared}. \
+         RabbitMQ cannot change the arguments of an existing {kind}. Fix: either set the configuration to match the broker, \
+         or migrate: create the new {kind} under another name (or drain and delete '{name}' with \
+         `rabbitmqctl delete_queue {name}` once it is empty) and start burrow again; see docs/operations.md, \"Migrating a queue\""
+    )]
+    TopologyMismatch {
+        /// `queue` or `exchange`.
+        kind: &'static str,
+        /// The entity's name.
+        name: String,
+        /// The argument that differs (`x-queue-type`, `x-message-ttl`, `type`, ...).
+        argument: String,
+        /// The value burrow asked for.
+        declared: String,
+        /// The value the broker holds.
+        existing: String,
+    },
+
+    /// The broker refused a declaration for another reason (access refused, ...).
+    #[error("cannot declare {kind} '{name}': {reason}")]
+    TopologyRefused {
+        /// `queue`, `exchange` or `binding`.
+        kind: &'static str,
+        /// The entity's name.
+        name: String,
+        /// The broker's reply text.
+        reason: String,
+    },
+
+    /// A publish was returned by the broker because no queue is bound for its routing key.
+    #[error(
+        "event '{routing_key}' was returned by exchange '{exchange}' as unroutable ({reply}): no queue is bound for it. \
+         Start a worker that subscribes to it (or run `burrow topology apply`) before publishing"
+    )]
+    Unroutable {
+        /// Exchange the event was published to.
+        exchange: String,
+        /// Routing key (the event type).
+        routing_key: String,
+        /// The broker's reply text (`NO_ROUTE`).
+        reply: String,
+    },
+
+    /// The broker negatively acknowledged a publish (it could not store it).
+    #[error("the broker refused (nacked) event '{routing_key}' on exchange '{exchange}'; it was not stored. Publish it again")]
+    Nacked {
+        /// Exchange the event was published to.
+        exchange: String,
+        /// Routing key (the event type).
+        routing_key: String,
+    },
+
+    /// No confirm arrived within the configured `publisher.confirm_timeout`.
+    #[error("no publisher confirm for event '{routing_key}' within {timeout:?}; the event may or may not be stored. Publish it again (consumers de-duplicate on message id)")]
+    ConfirmTimeout {
+        /// Routing key (the event type).
+        routing_key: String,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+
+    /// An event could not be serialised to JSON.
+    #[error("cannot serialise event '{event_type}' to JSON: {source}")]
+    Serialize {
+        /// The event type.
+        event_type: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A name does not fit AMQP's 255-byte short strings.
+    #[error("{what} '{value}…' is {len} bytes long; AMQP allows at most 255")]
+    NameTooLong {
+        /// What the name is (`routing key`, `queue name`, ...).
+        what: &'static str,
+        /// The first characters of the value.
+        value: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+
+    /// Some events of a batch failed; the others were confirmed.
+    #[error("{} of {total} events in the batch were not confirmed; first failure (index {}): {}", failed.len(), failed[0].0, failed[0].1)]
+    Batch {
+        /// Number of events in the batch.
+        total: usize,
+        /// Index in the batch and error of every failed event (never empty).
+        failed: Vec<(usize, Error)>,
+    },
+
+    /// A handler registration was rejected.
+    #[error("handler registration: {0}")]
+    Registry(String),
+
+    /// The publisher's channel pool failed.
+    #[error("publisher pool: {0}")]
+    Pool(String),
+
+    /// The worker's consumer was cancelled or its connection ended.
+    #[error("consumer on queue '{queue}' stopped: {reason}")]
+    ConsumerStopped {
+        /// Queue being consumed.
+        queue: String,
+        /// Why it stopped.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether trying the same operation again may succeed.
+    ///
+    /// Connection trouble, nacks and confirm timeouts are retryable;
+    /// configuration mistakes, topology mismatches and unroutable events are
+    /// not (they need a person to change something first).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } => true,
+            Error::Amqp { source, .. } => amqp_retryable(source),
+            Error::Nacked { .. } => true,
+            Error::ConfirmTimeout { .. } => true,
+            Error::Pool(_) => true,
+            Error::ConsumerStopped { .. } => true,
+            Error::Batch { failed, .. } => failed.iter().all(|(_, e)| e.is_retryable()),
+            Error::Config(_) => false,
+            Error::TopologyMismatch { .. } => false,
+            Error::TopologyRefused { .. } => false,
+            Error::Unroutable { .. } => false,
+            Error::Serialize { .. } => false,
+            Error::NameTooLong { .. } => false,
+            Error::Registry(_) => false,
+        }
+    }
+
+    pub(crate) fn amqp(operation: impl Into<String>, source: lapin::Error) -> Self {
+        Error::Amqp {
+            operation: operation.into(),
+            source,
+        }
+    }
+}
+
+/// Connection-level and IO trouble can go away; a soft protocol error such as
+/// ACCESS_REFUSED or NOT_FOUND will not fix itself.
+fn amqp_retryable(error: &lapin::Error) -> bool {
+    use lapin::ErrorKind as K;
+    match error.kind() {
+        K::IOError(_)
+        | K::MissingHeartbeatError
+        | K::InvalidChannelState(..)
+        | K::InvalidConnectionState(_)
+        | K::InvalidChannel(_)
+        | K::ChannelsLimitReached => true,
+        // Hard errors close the connection (CONNECTION_FORCED on a broker
+        // restart); a new connection may succeed. Soft errors (NOT_FOUND,
+        // ACCESS_REFUSED, PRECONDITION_FAILED) repeat until someone acts.
+        K::ProtocolError(e) => matches!(e.kind(), lapin::protocol::AMQPErrorKind::Hard(_)),
+        K::RuntimeShutdownError(_)
+        | K::InvalidProtocolVersion(_)
+        | K::ParsingError(_)
+        | K::SerialisationError(_)
+        | K::AuthProviderError(_)
+        | K::FutureCompleted
+        | K::NoDefaultRuntime => false,
+        // lapin's ErrorKind is non-exhaustive: defer to its own verdict.
+        _ => error.can_be_recovered(),
+    }
+}
+
+/// A shorthand for `Result<T, burrow::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

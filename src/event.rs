@@ -1,0 +1,90 @@
+//! The [`DomainEvent`] trait: what a type needs to travel through burrow.
+//!
+//! An event is a plain serde type whose JSON form is the message body
+//! (camelCase fields, including `aggregateId`), routed on the `domain_events`
+//! topic exchange under its [`DomainEvent::EVENT_TYPE`]. See
+//! `docs/wire-contract.md` for the full contract, including what burrow
+//! accepts from publishers that set no AMQP properties at all.
+
+use chrono::{DateTime, Utc};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// A domain event raised by an aggregate.
+///
+/// ```
+/// use burrow::DomainEvent;
+/// use chrono::{DateTime, Utc};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// #[serde(rename_all = "camelCase")]
+/// pub struct CollectionCreatedEvent {
+///     pub aggregate_id: String,
+///     pub name: String,
+///     pub occurred_at: DateTime<Utc>,
+/// }
+///
+/// impl DomainEvent for CollectionCreatedEvent {
+///     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+///     fn aggregate_id(&self) -> String {
+///         self.aggregate_id.clone()
+///     }
+///     fn occurred_at(&self) -> DateTime<Utc> {
+///         self.occurred_at
+///     }
+/// }
+/// ```
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The event type name: the routing key on the exchange, the AMQP `type`
+    /// property, and the binding key of handlers that subscribe to it.
+    /// Use the name your other publishers use (`CardAddedToLibraryEvent`).
+    const EVENT_TYPE: &'static str;
+
+    /// The schema version of this event, sent in the `burrow-event-version` header.
+    const VERSION: u32 = 1;
+
+    /// The id of the aggregate that raised the event.
+    fn aggregate_id(&self) -> String;
+
+    /// When the event happened; sent as the AMQP `timestamp` property.
+    fn occurred_at(&self) -> DateTime<Utc>;
+}
+
+/// Optional metadata for one publish. Unset fields get sensible values:
+/// a fresh UUID message id, and the message id as correlation id.
+///
+/// ```
+/// let meta = burrow::EventMeta::default()
+///     .correlation_id("req-42")
+///     .causation_id("cmd-7");
+/// assert_eq!(meta.correlation_id.as_deref(), Some("req-42"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventMeta {
+    /// The message id (de-duplication key); a UUID v4 when unset.
+    pub message_id: Option<String>,
+    /// Ties together every event caused by one request.
+    pub correlation_id: Option<String>,
+    /// The id of the message or command that caused this event.
+    pub causation_id: Option<String>,
+}
+
+impl EventMeta {
+    /// Sets the message id.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+}

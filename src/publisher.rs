@@ -1,0 +1,324 @@
+//! The confirmed publisher.
+//!
+//! A pool (deadpool) of long-lived channels in confirm mode on one
+//! connection of its own, so that publisher flow control never stalls the
+//! consumer's connection. Every publish is mandatory and persistent and
+//! returns only once the broker has confirmed it:
+//!
+//! - `Ack(None)` — stored: `Ok(())`;
+//! - `Ack(Some(returned))` — the broker accepted the publish but routed it
+//!   nowhere (RabbitMQ acks unroutable mandatory messages after returning
+//!   them): [`Error::Unroutable`];
+//! - `Nack` — not stored: [`Error::Nacked`].
+//!
+//! A channel is held only while the frame is written; the confirm is awaited
+//! without it, so many publishes are in flight per channel. A semaphore of
+//! `publisher.max_in_flight` permits bounds the unconfirmed window.
+
+use std::{sync::Arc, time::Duration};
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::{
+    config::{AmqpUrl, Settings},
+    connection,
+    error::{Error, Result},
+    event::{DomainEvent, EventMeta},
+    wire::{headers, long_string, short_string},
+};
+
+/// A cheap-to-clone handle to the confirmed publisher.
+///
+/// ```no_run
+/// # use chrono::{DateTime, Utc};
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # #[serde(rename_all = "camelCase")]
+/// # pub struct CollectionCreatedEvent { aggregate_id: String, occurred_at: DateTime<Utc> }
+/// # impl burrow::DomainEvent for CollectionCreatedEvent {
+/// #     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// #     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
+/// #     fn occurred_at(&self) -> DateTime<Utc> { self.occurred_at }
+/// # }
+/// # async fn run() -> burrow::Result<()> {
+/// let settings = burrow::Settings::load()?;
+/// let publisher = burrow::Publisher::connect(&settings).await?;
+/// publisher
+///     .publish(&CollectionCreatedEvent { aggregate_id: "col-1".into(), occurred_at: Utc::now() })
+///     .await?; // returns once RabbitMQ confirmed; Err if unroutable or nacked
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: managed::Pool<ChannelManager>,
+    window: Semaphore,
+    max_in_flight: usize,
+    exchange: String,
+    app_id: String,
+    confirm_timeout: Duration,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("exchange", &self.inner.exchange)
+            .field("app_id", &self.inner.app_id)
+            .field("pool", &self.inner.pool.status())
+            .finish()
+    }
+}
+
+/// Hands out confirm-mode channels on the publisher's own connection,
+/// reconnecting when the connection is gone.
+struct ChannelManager {
+    url: AmqpUrl,
+    heartbeat: u16,
+    name: String,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+impl ChannelManager {
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.status().connected()
+        {
+            return Ok(conn.clone());
+        }
+        let conn = Arc::new(connection::connect(&self.url, self.heartbeat, &self.name).await?);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+impl managed::Manager for ChannelManager {
+    type Type = Channel;
+    type Error = Error;
+
+    async fn create(&self) -> Result<Channel> {
+        let conn = self.connection().await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("channel.open (publisher)", e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| Error::amqp("confirm.select", e))?;
+        Ok(channel)
+    }
+
+    async fn recycle(&self, channel: &mut Channel, _: &Metrics) -> RecycleResult<Error> {
+        if channel.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("channel closed"))
+        }
+    }
+}
+
+impl Publisher {
+    /// Opens the publisher's connection and pool for `settings`.
+    pub async fn connect(settings: &Settings) -> Result<Self> {
+        let manager = ChannelManager {
+            url: settings.amqp.url.clone(),
+            heartbeat: settings.amqp.heartbeat,
+            name: format!("burrow publisher ({})", settings.app.name),
+            connection: Mutex::new(None),
+        };
+        // Connect now so a wrong URL fails here, not at the first publish.
+        manager.connection().await?;
+        let pool = managed::Pool::builder(manager)
+            .max_size(settings.publisher.channels)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        Ok(Publisher {
+            inner: Arc::new(Inner {
+                pool,
+                window: Semaphore::new(settings.publisher.max_in_flight),
+                max_in_flight: settings.publisher.max_in_flight,
+                exchange: settings.amqp.exchange.clone(),
+                app_id: settings.app.name.clone(),
+                confirm_timeout: settings.publisher.confirm_timeout,
+            }),
+        })
+    }
+
+    /// The exchange events are published to.
+    pub fn exchange(&self) -> &str {
+        &self.inner.exchange
+    }
+
+    /// Publishes one event and waits for the broker's confirm.
+    pub async fn publish<E: DomainEvent>(&self, event: &E) -> Result<()> {
+        self.publish_with(event, EventMeta::default()).await
+    }
+
+    /// Publishes one event with explicit ids.
+    pub async fn publish_with<E: DomainEvent>(&self, event: &E, meta: EventMeta) -> Result<()> {
+        let body = serde_json::to_vec(event).map_err(|source| Error::Serialize {
+            event_type: E::EVENT_TYPE.to_owned(),
+            source,
+        })?;
+        let props = self.event_properties(
+            E::EVENT_TYPE,
+            E::VERSION,
+            event.occurred_at().timestamp().max(0) as u64,
+            meta,
+        )?;
+        self.send(&self.inner.exchange, E::EVENT_TYPE, &body, props).await
+    }
+
+    /// Publishes many events concurrently within the in-flight window and
+    /// waits for every confirm. On failure, [`Error::Batch`] lists the index
+    /// and error of each event that was not confirmed; the others were.
+    pub async fn publish_batch<E: DomainEvent>(&self, events: &[E]) -> Result<()> {
+        let results = futures_util::future::join_all(events.iter().map(|e| self.publish(e))).await;
+        batch_result(results)
+    }
+
+    /// Publishes a JSON body under `event_type`, as `burrow publish` does.
+    /// The body must be a JSON object.
+    pub async fn publish_json(&self, event_type: &str, body: &serde_json::Value, meta: EventMeta) -> Result<()> {
+        if !body.is_object() {
+            return Err(Error::Serialize {
+                event_type: event_type.to_owned(),
+                source: serde::de::Error::custom("the event body must be a JSON object, e.g. {\"aggregateId\":\"a-1\"}"),
+            });
+        }
+        let bytes = serde_json::to_vec(body).map_err(|source| Error::Serialize {
+            event_type: event_type.to_owned(),
+            source,
+        })?;
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let props = self.event_properties(event_type, 1, now, meta)?;
+        self.send(&self.inner.exchange, event_type, &bytes, props).await
+    }
+
+    /// Publishes raw bytes with the given properties to `exchange` (`""` is
+    /// the default exchange, routing straight to the queue named `routing_key`).
+    /// Used by the consumer to move messages to retry and dead-letter queues.
+    pub async fn send(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+        let _slot = self
+            .inner
+            .window
+            .acquire()
+            .await
+            .map_err(|_| Error::Pool("publisher closed".into()))?;
+        let exchange_name = short_string("exchange name", exchange)?;
+        let key = short_string("routing key", routing_key)?;
+        let confirm = {
+            let channel = self
+                .inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| match e {
+                    managed::PoolError::Backend(e) => e,
+                    other => Error::Pool(other.to_string()),
+                })?;
+            channel
+                .basic_publish(
+                    exchange_name,
+                    key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await
+                .map_err(|e| Error::amqp(format!("basic.publish to '{exchange}' key '{routing_key}'"), e))?
+            // The channel goes back to the pool here; the confirm is awaited without it.
+        };
+        let confirmation = tokio::time::timeout(self.inner.confirm_timeout, confirm)
+            .await
+            .map_err(|_| Error::ConfirmTimeout {
+                routing_key: routing_key.to_owned(),
+                timeout: self.inner.confirm_timeout,
+            })?
+            .map_err(|e| Error::amqp(format!("publisher confirm for '{exchange}' key '{routing_key}'"), e))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(Error::Unroutable {
+                exchange: display_exchange(exchange),
+                routing_key: routing_key.to_owned(),
+                reply: returned.reply_text.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(Error::Nacked {
+                exchange: display_exchange(exchange),
+                routing_key: routing_key.to_owned(),
+            }),
+            // Every pooled channel ran confirm.select; this would be a bug.
+            Confirmation::NotRequested => Err(Error::Pool("publisher channel is not in confirm mode".into())),
+        }
+    }
+
+    fn event_properties(&self, event_type: &str, version: u32, timestamp: u64, meta: EventMeta) -> Result<BasicProperties> {
+        let message_id = meta
+            .message_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let correlation_id = meta.correlation_id.unwrap_or_else(|| message_id.clone());
+        let mut table = FieldTable::default();
+        table.insert(headers::EVENT_VERSION.into(), AMQPValue::LongLongInt(i64::from(version)));
+        if let Some(causation) = &meta.causation_id {
+            table.insert(headers::CAUSATION_ID.into(), long_string(causation));
+        }
+        Ok(BasicProperties::default()
+            .with_message_id(short_string("message id", &message_id)?)
+            .with_correlation_id(short_string("correlation id", &correlation_id)?)
+            .with_timestamp(timestamp)
+            .with_type(short_string("event type", event_type)?)
+            .with_content_type(ShortString::from("application/json"))
+            .with_app_id(short_string("app id", &self.inner.app_id)?)
+            .with_delivery_mode(2)
+            .with_headers(table))
+    }
+
+    /// Waits (up to the confirm timeout) for in-flight publishes to be
+    /// confirmed, then closes the pool and the connection. Publishing after
+    /// `close` fails.
+    pub async fn close(&self) {
+        let all = u32::try_from(self.inner.max_in_flight).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(self.inner.confirm_timeout, self.inner.window.acquire_many(all)).await;
+        self.inner.window.close();
+        self.inner.pool.close();
+        let conn = self.inner.pool.manager().connection.lock().await.take();
+        if let Some(conn) = conn {
+            let _ = conn.close(200, "publisher closed".into()).await;
+        }
+    }
+}
+
+fn display_exchange(exchange: &str) -> String {
+    if exchange.is_empty() {
+        "(default)".into()
+    } else {
+        exchange.to_owned()
+    }
+}
+
+fn batch_result(results: Vec<Result<()>>) -> Result<()> {
+    let total = results.len();
+    let failed: Vec<(usize, Error)> = results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Batch { total, failed })
+    }
+}
