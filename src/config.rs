@@ -45,9 +45,7 @@ pub struct AppSettings {
 
 impl Default for AppSettings {
     fn default() -> Self {
-        Self {
-            name: "app".into(),
-        }
+        Self { name: "app".into() }
     }
 }
 
@@ -327,19 +325,31 @@ impl Settings {
         }
         self.amqp.url.validate()?;
         if self.consumer.prefetch == 0 {
-            return bad("consumer.prefetch", &0, "use 1 or more (0 would mean unlimited)");
+            return bad(
+                "consumer.prefetch",
+                &0,
+                "use 1 or more (0 would mean unlimited)",
+            );
         }
         if self.consumer.concurrency == 0 {
             return bad("consumer.concurrency", &0, "use 1 or more");
         }
         if self.consumer.handler_timeout.is_zero() {
-            return bad("consumer.handler_timeout", &"0s", "use a positive duration such as \"30s\"");
+            return bad(
+                "consumer.handler_timeout",
+                &"0s",
+                "use a positive duration such as \"30s\"",
+            );
         }
         if self.consumer.max_body_bytes == 0 {
             return bad("consumer.max_body_bytes", &0, "use 1 or more");
         }
         if self.queue.delivery_limit == 0 {
-            return bad("queue.delivery_limit", &0, "use 1 or more (20 is RabbitMQ 4's default)");
+            return bad(
+                "queue.delivery_limit",
+                &0,
+                "use 1 or more (20 is RabbitMQ 4's default)",
+            );
         }
         for (i, delay) in self.retry.delays.iter().enumerate() {
             let ms = delay.as_millis();
@@ -358,7 +368,11 @@ impl Settings {
             return bad("publisher.max_in_flight", &0, "use 1 or more");
         }
         if self.publisher.confirm_timeout.is_zero() {
-            return bad("publisher.confirm_timeout", &"0s", "use a positive duration such as \"30s\"");
+            return bad(
+                "publisher.confirm_timeout",
+                &"0s",
+                "use a positive duration such as \"30s\"",
+            );
         }
         Ok(())
     }

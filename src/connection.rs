@@ -15,10 +15,12 @@ const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// Opens a connection named `name` with the given heartbeat (seconds), unless
 /// the URL already sets `?heartbeat=`.
 pub async fn connect(url: &AmqpUrl, heartbeat: u16, name: &str) -> Result<Connection> {
-    let mut uri: AMQPUri = url
-        .expose()
-        .parse()
-        .map_err(|e: String| Error::Config(format!("amqp.url = {url} is invalid: {}", crate::config::redact_urls(&e))))?;
+    let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
+        Error::Config(format!(
+            "amqp.url = {url} is invalid: {}",
+            crate::config::redact_urls(&e)
+        ))
+    })?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(heartbeat);
     }

@@ -22,7 +22,9 @@ use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
     types::{AMQPValue, FieldTable},
 };
 use tokio::{
@@ -241,13 +243,15 @@ impl Worker {
         };
 
         self.state.send_replace(WorkerState::Draining);
-        if channel.status().connected() {
-            if let Err(e) = channel
-                .basic_cancel(wire::short_string("consumer tag", &tag)?, BasicCancelOptions::default())
+        if channel.status().connected()
+            && let Err(e) = channel
+                .basic_cancel(
+                    wire::short_string("consumer tag", &tag)?,
+                    BasicCancelOptions::default(),
+                )
                 .await
-            {
-                warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
-            }
+        {
+            warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
         }
         shared.shutdown.cancel();
         let deadline = settings.consumer.shutdown_timeout;
@@ -382,12 +386,21 @@ impl Shared {
         async {
             let processed = self
                 .pipeline
-                .process(exchange.as_str(), routing_key.as_str(), &properties, &data, &self.shutdown)
+                .process(
+                    exchange.as_str(),
+                    routing_key.as_str(),
+                    &properties,
+                    &data,
+                    &self.shutdown,
+                )
                 .await;
             let span = tracing::Span::current();
             span.record("event", processed.incoming.event_type.as_str());
             span.record("message_id", processed.incoming.message_id.as_str());
-            span.record("correlation_id", processed.incoming.correlation_id.as_deref().unwrap_or(""));
+            span.record(
+                "correlation_id",
+                processed.incoming.correlation_id.as_deref().unwrap_or(""),
+            );
             span.record("attempt", processed.incoming.attempt);
             let acked = self.settle(&processed, &properties, &data, &acker).await;
             let _ = self.outcomes.send(outcome(&processed, acked));
@@ -397,7 +410,13 @@ impl Shared {
     }
 
     /// Carries out a settlement. Returns whether the ack was sent.
-    async fn settle(&self, processed: &Processed, properties: &BasicProperties, body: &[u8], acker: &lapin::Acker) -> bool {
+    async fn settle(
+        &self,
+        processed: &Processed,
+        properties: &BasicProperties,
+        body: &[u8],
+        acker: &lapin::Acker,
+    ) -> bool {
         let incoming = &processed.incoming;
         let moved = match &processed.settlement {
             Settlement::Ack => {
@@ -422,7 +441,13 @@ impl Shared {
             // it; on quorum queues x-delivery-limit bounds the loop and parks
             // the message in the dead-letter queue.
             error!(error = %e, "could not move the message; returning it to the queue");
-            if let Err(e) = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+            if let Err(e) = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+            {
                 warn!(error = %e, "basic.nack failed; the broker will redeliver when the channel closes");
             }
             return false;
@@ -430,7 +455,9 @@ impl Shared {
         match acker.ack(BasicAckOptions::default()).await {
             Ok(true) => true,
             Ok(false) => {
-                warn!("ack not sent: the channel closed first; the broker will redeliver this message");
+                warn!(
+                    "ack not sent: the channel closed first; the broker will redeliver this message"
+                );
                 false
             }
             Err(e) => {
@@ -440,26 +467,53 @@ impl Shared {
         }
     }
 
-    async fn forward_retry(&self, incoming: &Incoming, properties: &BasicProperties, body: &[u8], r: &RetryMove) -> Result<()> {
+    async fn forward_retry(
+        &self,
+        incoming: &Incoming,
+        properties: &BasicProperties,
+        body: &[u8],
+        r: &RetryMove,
+    ) -> Result<()> {
         let mut extra = FieldTable::default();
-        extra.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(incoming.attempt) + 1));
+        extra.insert(
+            headers::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(incoming.attempt) + 1),
+        );
         extra.insert(headers::HANDLERS.into(), string_array(&r.handlers));
-        extra.insert(headers::LAST_ERROR.into(), long_string(&truncate(&r.errors.join("\n"), 4096)));
+        extra.insert(
+            headers::LAST_ERROR.into(),
+            long_string(&truncate(&r.errors.join("\n"), 4096)),
+        );
         let props = copy_properties(incoming, properties, extra);
         info!(step = r.step.number, delay = %humantime::format_duration(r.step.delay), handlers = ?r.handlers, errors = ?r.errors, "retrying");
         self.publisher.send("", &r.step.queue, body, props).await
     }
 
-    async fn forward_dead(&self, incoming: &Incoming, properties: &BasicProperties, body: &[u8], d: &DeadLetterMove) -> Result<()> {
+    async fn forward_dead(
+        &self,
+        incoming: &Incoming,
+        properties: &BasicProperties,
+        body: &[u8],
+        d: &DeadLetterMove,
+    ) -> Result<()> {
         let mut extra = FieldTable::default();
-        extra.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(incoming.attempt)));
+        extra.insert(
+            headers::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(incoming.attempt)),
+        );
         extra.insert(headers::HANDLERS.into(), string_array(&d.handlers));
         extra.insert(headers::DEAD_REASON.into(), long_string(d.reason.as_str()));
         if let Some(first) = d.handlers.first() {
             extra.insert(headers::FAILED_HANDLER.into(), long_string(first));
         }
-        extra.insert(headers::LAST_ERROR.into(), long_string(&truncate(&d.errors.join("\n"), 4096)));
-        extra.insert(headers::DEAD_AT.into(), AMQPValue::LongLongInt(wire::now_ms()));
+        extra.insert(
+            headers::LAST_ERROR.into(),
+            long_string(&truncate(&d.errors.join("\n"), 4096)),
+        );
+        extra.insert(
+            headers::DEAD_AT.into(),
+            AMQPValue::LongLongInt(wire::now_ms()),
+        );
         let props = copy_properties(incoming, properties, extra);
         warn!(reason = %d.reason, handlers = ?d.handlers, errors = ?d.errors, "dead-lettering");
         self.publisher.send("", &self.dead_queue, body, props).await
@@ -469,9 +523,16 @@ impl Shared {
 /// The properties of a retry or dead-letter copy: the original ones, a
 /// message id (derived if the publisher set none, so it stays stable), and
 /// burrow's headers on top of the original headers.
-fn copy_properties(incoming: &Incoming, original: &BasicProperties, extra: FieldTable) -> BasicProperties {
+fn copy_properties(
+    incoming: &Incoming,
+    original: &BasicProperties,
+    extra: FieldTable,
+) -> BasicProperties {
     let mut table = original.headers().clone().unwrap_or_default();
-    table.insert(headers::EVENT_TYPE.into(), long_string(&incoming.event_type));
+    table.insert(
+        headers::EVENT_TYPE.into(),
+        long_string(&incoming.event_type),
+    );
     table.insert(
         headers::FIRST_FAILURE_AT.into(),
         AMQPValue::LongLongInt(incoming.first_failure_at.unwrap_or_else(wire::now_ms)),

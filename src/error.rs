@@ -19,7 +19,9 @@ pub enum Error {
     Config(String),
 
     /// The broker could not be reached or the connection failed.
-    #[error("cannot connect to RabbitMQ at {url}: {source}; check that the broker runs and that amqp.url is right")]
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}; check that the broker runs and that amqp.url is right"
+    )]
     Connect {
         /// The redacted broker URL.
         url: String,
@@ -85,7 +87,9 @@ pub enum Error {
     },
 
     /// The broker negatively acknowledged a publish (it could not store it).
-    #[error("the broker refused (nacked) event '{routing_key}' on exchange '{exchange}'; it was not stored. Publish it again")]
+    #[error(
+        "the broker refused (nacked) event '{routing_key}' on exchange '{exchange}'; it was not stored. Publish it again"
+    )]
     Nacked {
         /// Exchange the event was published to.
         exchange: String,
@@ -94,7 +98,9 @@ pub enum Error {
     },
 
     /// No confirm arrived within the configured `publisher.confirm_timeout`.
-    #[error("no publisher confirm for event '{routing_key}' within {timeout:?}; the event may or may not be stored. Publish it again (consumers de-duplicate on message id)")]
+    #[error(
+        "no publisher confirm for event '{routing_key}' within {timeout:?}; the event may or may not be stored. Publish it again (consumers de-duplicate on message id)"
+    )]
     ConfirmTimeout {
         /// Routing key (the event type).
         routing_key: String,

@@ -101,6 +101,28 @@ pub struct Context {
     pub shutdown: CancellationToken,
 }
 
+impl Context {
+    /// A context for calling a handler directly in a unit test: attempt 1,
+    /// a random message id, no headers.
+    ///
+    /// ```
+    /// let ctx = burrow::Context::for_test("CollectionCreatedEvent", "search.index");
+    /// assert_eq!(ctx.attempt, 1);
+    /// ```
+    pub fn for_test(event_type: &str, handler: &str) -> Self {
+        Context {
+            message_id: uuid::Uuid::new_v4().to_string(),
+            correlation_id: None,
+            causation_id: None,
+            event_type: event_type.to_owned(),
+            attempt: 1,
+            headers: FieldTable::default(),
+            handler: Arc::from(handler),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
 /// A typed event handler.
 ///
 /// Most handlers are closures registered with [`Registry::on`]; implement
@@ -193,7 +215,11 @@ impl fmt::Display for Failure {
             Failure::Handler(HandlerError::Permanent(e)) => write!(f, "permanent error: {e}"),
             Failure::Undecodable(e) => write!(f, "body does not decode: {e}"),
             Failure::Panicked(msg) => write!(f, "handler panicked: {msg}"),
-            Failure::TimedOut(d) => write!(f, "handler timed out after {}", humantime::format_duration(*d)),
+            Failure::TimedOut(d) => write!(
+                f,
+                "handler timed out after {}",
+                humantime::format_duration(*d)
+            ),
             Failure::UnknownHandler => f.write_str(
                 "no handler of this name is registered in this app (renamed or removed?); \
                  replay it with --handler set to the new name",
@@ -358,7 +384,10 @@ impl Registry {
     }
 
     /// Handlers whose binding key matches `event_type`.
-    pub fn subscribed_to<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a RegisteredHandler> + 'a {
+    pub fn subscribed_to<'a>(
+        &'a self,
+        event_type: &'a str,
+    ) -> impl Iterator<Item = &'a RegisteredHandler> + 'a {
         self.handlers
             .iter()
             .filter(move |h| topic::matches(h.binding_key(), event_type))
@@ -401,7 +430,11 @@ where
         &self.name
     }
 
-    fn handle(&self, event: E, ctx: Context) -> impl Future<Output = Result<(), HandlerError>> + Send {
+    fn handle(
+        &self,
+        event: E,
+        ctx: Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         (self.f)(event, ctx)
     }
 }

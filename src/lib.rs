@@ -36,6 +36,8 @@
 //! | [`pipeline`] | delivery → [`Settlement`], no I/O |
 //! | [`consumer`] | the [`Worker`] loop and settlement |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
+//! | [`cli`] | the `burrow` command line |
+//! | [`demo`] | `burrow demo` |
 //!
 //! # A worker in a few lines
 //!
@@ -69,9 +71,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod consumer;
+pub mod demo;
 pub mod error;
 pub mod event;
 pub mod handler;

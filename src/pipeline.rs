@@ -162,7 +162,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// A pipeline over `registry` with the given ladder and limits.
-    pub fn new(registry: Arc<Registry>, ladder: RetryLadder, handler_timeout: Duration, max_body_bytes: usize) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        ladder: RetryLadder,
+        handler_timeout: Duration,
+        max_body_bytes: usize,
+    ) -> Self {
         Self {
             registry,
             ladder,
@@ -186,31 +191,52 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Processed {
         let incoming = Incoming::read(exchange, routing_key, properties, body);
-        let dead = |reason: DeadReason, detail: String| Settlement::DeadLetter(DeadLetterMove {
-            reason,
-            handlers: Vec::new(),
-            errors: vec![detail],
-        });
+        let dead = |reason: DeadReason, detail: String| {
+            Settlement::DeadLetter(DeadLetterMove {
+                reason,
+                handlers: Vec::new(),
+                errors: vec![detail],
+            })
+        };
 
         if body.len() > self.max_body_bytes {
             let s = dead(
                 DeadReason::TooLarge,
-                format!("body is {} bytes; consumer.max_body_bytes is {}", body.len(), self.max_body_bytes),
+                format!(
+                    "body is {} bytes; consumer.max_body_bytes is {}",
+                    body.len(),
+                    self.max_body_bytes
+                ),
             );
-            return Processed { incoming, runs: Vec::new(), settlement: s };
+            return Processed {
+                incoming,
+                runs: Vec::new(),
+                settlement: s,
+            };
         }
         if let Some(encoding) = properties.content_encoding()
             && !matches!(encoding.as_str(), "" | "identity" | "utf-8" | "UTF-8")
         {
             let s = dead(
                 DeadReason::UnsupportedEncoding,
-                format!("content_encoding {:?} is not supported; publish uncompressed JSON", encoding.as_str()),
+                format!(
+                    "content_encoding {:?} is not supported; publish uncompressed JSON",
+                    encoding.as_str()
+                ),
             );
-            return Processed { incoming, runs: Vec::new(), settlement: s };
+            return Processed {
+                incoming,
+                runs: Vec::new(),
+                settlement: s,
+            };
         }
         if let Some(problem) = &incoming.problem {
             let s = dead(DeadReason::BadHeaders, problem.clone());
-            return Processed { incoming, runs: Vec::new(), settlement: s };
+            return Processed {
+                incoming,
+                runs: Vec::new(),
+                settlement: s,
+            };
         }
 
         // Which handlers: those named on a retry/replay copy, else every
@@ -234,9 +260,16 @@ impl Pipeline {
         }
         if selected.is_empty() && runs.is_empty() {
             let settlement = Settlement::Ignore {
-                reason: format!("no handler of this app subscribes to {:?}", incoming.event_type),
+                reason: format!(
+                    "no handler of this app subscribes to {:?}",
+                    incoming.event_type
+                ),
             };
-            return Processed { incoming, runs, settlement };
+            return Processed {
+                incoming,
+                runs,
+                settlement,
+            };
         }
 
         let started = selected.iter().map(|handler| {
@@ -257,12 +290,16 @@ impl Pipeline {
                 let begun = Instant::now();
                 let result = match start {
                     Err(failure) => Err(failure),
-                    Ok(fut) => match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
-                        Err(_) => Err(Failure::TimedOut(timeout)),
-                        Ok(Err(panic)) => Err(Failure::Panicked(panic_message(&*panic))),
-                        Ok(Ok(Err(e))) => Err(Failure::Handler(e)),
-                        Ok(Ok(Ok(()))) => Ok(()),
-                    },
+                    Ok(fut) => {
+                        match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind())
+                            .await
+                        {
+                            Err(_) => Err(Failure::TimedOut(timeout)),
+                            Ok(Err(panic)) => Err(Failure::Panicked(panic_message(&*panic))),
+                            Ok(Ok(Err(e))) => Err(Failure::Handler(e)),
+                            Ok(Ok(Ok(()))) => Ok(()),
+                        }
+                    }
                 };
                 HandlerRun {
                     handler: name,
@@ -274,7 +311,11 @@ impl Pipeline {
         let mut ran = futures_util::future::join_all(started).await;
         ran.append(&mut runs);
         let settlement = self.decide(&incoming, &ran);
-        Processed { incoming, runs: ran, settlement }
+        Processed {
+            incoming,
+            runs: ran,
+            settlement,
+        }
     }
 
     fn decide(&self, incoming: &Incoming, runs: &[HandlerRun]) -> Settlement {
@@ -294,7 +335,9 @@ impl Pipeline {
                 dead_reason.get_or_insert(match failure {
                     Failure::Undecodable(_) => DeadReason::Undecodable,
                     Failure::UnknownHandler => DeadReason::UnknownHandler,
-                    Failure::Handler(_) | Failure::Panicked(_) | Failure::TimedOut(_) => DeadReason::Permanent,
+                    Failure::Handler(_) | Failure::Panicked(_) | Failure::TimedOut(_) => {
+                        DeadReason::Permanent
+                    }
                 });
                 dead_handlers.push(run.handler.to_string());
                 dead_errors.push(line);

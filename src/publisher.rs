@@ -176,7 +176,8 @@ impl Publisher {
             event.occurred_at().timestamp().max(0) as u64,
             meta,
         )?;
-        self.send(&self.inner.exchange, E::EVENT_TYPE, &body, props).await
+        self.send(&self.inner.exchange, E::EVENT_TYPE, &body, props)
+            .await
     }
 
     /// Publishes many events concurrently within the in-flight window and
@@ -189,11 +190,18 @@ impl Publisher {
 
     /// Publishes a JSON body under `event_type`, as `burrow publish` does.
     /// The body must be a JSON object.
-    pub async fn publish_json(&self, event_type: &str, body: &serde_json::Value, meta: EventMeta) -> Result<()> {
+    pub async fn publish_json(
+        &self,
+        event_type: &str,
+        body: &serde_json::Value,
+        meta: EventMeta,
+    ) -> Result<()> {
         if !body.is_object() {
             return Err(Error::Serialize {
                 event_type: event_type.to_owned(),
-                source: serde::de::Error::custom("the event body must be a JSON object, e.g. {\"aggregateId\":\"a-1\"}"),
+                source: serde::de::Error::custom(
+                    "the event body must be a JSON object, e.g. {\"aggregateId\":\"a-1\"}",
+                ),
             });
         }
         let bytes = serde_json::to_vec(body).map_err(|source| Error::Serialize {
@@ -202,13 +210,20 @@ impl Publisher {
         })?;
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let props = self.event_properties(event_type, 1, now, meta)?;
-        self.send(&self.inner.exchange, event_type, &bytes, props).await
+        self.send(&self.inner.exchange, event_type, &bytes, props)
+            .await
     }
 
     /// Publishes raw bytes with the given properties to `exchange` (`""` is
     /// the default exchange, routing straight to the queue named `routing_key`).
     /// Used by the consumer to move messages to retry and dead-letter queues.
-    pub async fn send(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
         let _slot = self
             .inner
             .window
@@ -218,15 +233,10 @@ impl Publisher {
         let exchange_name = short_string("exchange name", exchange)?;
         let key = short_string("routing key", routing_key)?;
         let confirm = {
-            let channel = self
-                .inner
-                .pool
-                .get()
-                .await
-                .map_err(|e| match e {
-                    managed::PoolError::Backend(e) => e,
-                    other => Error::Pool(other.to_string()),
-                })?;
+            let channel = self.inner.pool.get().await.map_err(|e| match e {
+                managed::PoolError::Backend(e) => e,
+                other => Error::Pool(other.to_string()),
+            })?;
             channel
                 .basic_publish(
                     exchange_name,
@@ -239,7 +249,12 @@ impl Publisher {
                     properties,
                 )
                 .await
-                .map_err(|e| Error::amqp(format!("basic.publish to '{exchange}' key '{routing_key}'"), e))?
+                .map_err(|e| {
+                    Error::amqp(
+                        format!("basic.publish to '{exchange}' key '{routing_key}'"),
+                        e,
+                    )
+                })?
             // The channel goes back to the pool here; the confirm is awaited without it.
         };
         let confirmation = tokio::time::timeout(self.inner.confirm_timeout, confirm)
@@ -248,7 +263,12 @@ impl Publisher {
                 routing_key: routing_key.to_owned(),
                 timeout: self.inner.confirm_timeout,
             })?
-            .map_err(|e| Error::amqp(format!("publisher confirm for '{exchange}' key '{routing_key}'"), e))?;
+            .map_err(|e| {
+                Error::amqp(
+                    format!("publisher confirm for '{exchange}' key '{routing_key}'"),
+                    e,
+                )
+            })?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::Unroutable {
@@ -261,17 +281,28 @@ impl Publisher {
                 routing_key: routing_key.to_owned(),
             }),
             // Every pooled channel ran confirm.select; this would be a bug.
-            Confirmation::NotRequested => Err(Error::Pool("publisher channel is not in confirm mode".into())),
+            Confirmation::NotRequested => Err(Error::Pool(
+                "publisher channel is not in confirm mode".into(),
+            )),
         }
     }
 
-    fn event_properties(&self, event_type: &str, version: u32, timestamp: u64, meta: EventMeta) -> Result<BasicProperties> {
+    fn event_properties(
+        &self,
+        event_type: &str,
+        version: u32,
+        timestamp: u64,
+        meta: EventMeta,
+    ) -> Result<BasicProperties> {
         let message_id = meta
             .message_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let correlation_id = meta.correlation_id.unwrap_or_else(|| message_id.clone());
         let mut table = FieldTable::default();
-        table.insert(headers::EVENT_VERSION.into(), AMQPValue::LongLongInt(i64::from(version)));
+        table.insert(
+            headers::EVENT_VERSION.into(),
+            AMQPValue::LongLongInt(i64::from(version)),
+        );
         if let Some(causation) = &meta.causation_id {
             table.insert(headers::CAUSATION_ID.into(), long_string(causation));
         }
@@ -291,8 +322,21 @@ impl Publisher {
     /// `close` fails.
     pub async fn close(&self) {
         let all = u32::try_from(self.inner.max_in_flight).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(self.inner.confirm_timeout, self.inner.window.acquire_many(all)).await;
+        let _ = tokio::time::timeout(
+            self.inner.confirm_timeout,
+            self.inner.window.acquire_many(all),
+        )
+        .await;
         self.inner.window.close();
+        // Close the idle channels ourselves: a channel merely dropped closes
+        // in the background and races the connection close below, which
+        // lapin then reports as a connection error.
+        let idle = self.inner.pool.retain(|_, _| false);
+        for channel in idle.removed {
+            if channel.status().connected() {
+                let _ = channel.close(200, "publisher closed".into()).await;
+            }
+        }
         self.inner.pool.close();
         let conn = self.inner.pool.manager().connection.lock().await.take();
         if let Some(conn) = conn {

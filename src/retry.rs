@@ -50,7 +50,9 @@ impl RetryLadder {
             .enumerate()
             .map(|(i, delay)| {
                 let number = i as u32 + 1;
-                let label = humantime::format_duration(*delay).to_string().replace(' ', "");
+                let label = humantime::format_duration(*delay)
+                    .to_string()
+                    .replace(' ', "");
                 RetryStep {
                     number,
                     delay: *delay,

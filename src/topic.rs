@@ -43,8 +43,14 @@ mod tests {
 
     #[test]
     fn exact_and_wildcards() {
-        assert!(matches("CardAddedToLibraryEvent", "CardAddedToLibraryEvent"));
-        assert!(!matches("CardAddedToLibraryEvent", "CollectionCreatedEvent"));
+        assert!(matches(
+            "CardAddedToLibraryEvent",
+            "CardAddedToLibraryEvent"
+        ));
+        assert!(!matches(
+            "CardAddedToLibraryEvent",
+            "CollectionCreatedEvent"
+        ));
         assert!(matches("#", "CollectionCreatedEvent"));
         assert!(matches("#", "a.b.c"));
         assert!(matches("card.*", "card.added"));

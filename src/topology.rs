@@ -130,7 +130,10 @@ impl Topology {
         for step in ladder.steps() {
             let mut args = BTreeMap::new();
             quorum_dead_letter_args(&mut args, &app_queue);
-            args.insert("x-message-ttl".into(), ArgValue::Int(step.delay.as_millis() as i64));
+            args.insert(
+                "x-message-ttl".into(),
+                ArgValue::Int(step.delay.as_millis() as i64),
+            );
             queues.push(QueueSpec {
                 name: step.queue.clone(),
                 role: QueueRole::Retry(step.number),
@@ -199,13 +202,35 @@ impl Topology {
         result
     }
 
+    /// Deletes every queue of this topology (not the shared exchange), with
+    /// their messages. For demos and tests; never called by the worker.
+    pub async fn delete_queues(&self, connection: &Connection) -> Result<()> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("channel.open (topology)", e))?;
+        for queue in &self.queues {
+            channel
+                .queue_delete(
+                    short_string("queue name", &queue.name)?,
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await
+                .map_err(|e| Error::amqp(format!("queue.delete '{}'", queue.name), e))?;
+        }
+        let _ = channel.close(200, "queues deleted".into()).await;
+        Ok(())
+    }
+
     async fn declare_on(&self, channel: &Channel) -> Result<()> {
         declare_exchange_on(channel, &self.exchange).await?;
         for queue in &self.queues {
             let mut args = FieldTable::default();
             for (k, v) in &queue.arguments {
                 let value = match v {
-                    ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+                    ArgValue::Str(s) => {
+                        AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+                    }
                     ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
                 };
                 args.insert(short_string("queue argument", k)?, value);
@@ -229,7 +254,16 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| classify_declare_error("binding", &format!("{} -> {} ({})", binding.exchange, binding.queue, binding.key), e))?;
+                .map_err(|e| {
+                    classify_declare_error(
+                        "binding",
+                        &format!(
+                            "{} -> {} ({})",
+                            binding.exchange, binding.queue, binding.key
+                        ),
+                        e,
+                    )
+                })?;
         }
         Ok(())
     }
@@ -237,9 +271,18 @@ impl Topology {
 
 fn quorum_dead_letter_args(args: &mut BTreeMap<String, ArgValue>, target_queue: &str) {
     args.insert("x-queue-type".into(), ArgValue::Str("quorum".into()));
-    args.insert("x-dead-letter-exchange".into(), ArgValue::Str(String::new()));
-    args.insert("x-dead-letter-routing-key".into(), ArgValue::Str(target_queue.into()));
-    args.insert("x-dead-letter-strategy".into(), ArgValue::Str("at-least-once".into()));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        ArgValue::Str(String::new()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        ArgValue::Str(target_queue.into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        ArgValue::Str("at-least-once".into()),
+    );
     args.insert("x-overflow".into(), ArgValue::Str("reject-publish".into()));
 }
 
@@ -343,7 +386,10 @@ mod tests {
 
         let t = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'domain_events' in vhost '/': received 'topic' but current is 'direct'";
         let (arg, declared, existing) = parse_inequivalent_arg(t).unwrap();
-        assert_eq!((arg.as_str(), declared.as_str(), existing.as_str()), ("type", "'topic'", "'direct'"));
+        assert_eq!(
+            (arg.as_str(), declared.as_str(), existing.as_str()),
+            ("type", "'topic'", "'direct'")
+        );
     }
 
     #[test]
@@ -354,12 +400,24 @@ mod tests {
         let topo = Topology::for_app(&settings, &Registry::new());
         let step = &topo.queues[1];
         assert_eq!(step.role, QueueRole::Retry(1));
-        assert_eq!(step.arguments["x-dead-letter-exchange"], ArgValue::Str(String::new()));
-        assert_eq!(step.arguments["x-dead-letter-routing-key"], ArgValue::Str("events_library".into()));
-        assert_eq!(step.arguments["x-dead-letter-strategy"], ArgValue::Str("at-least-once".into()));
+        assert_eq!(
+            step.arguments["x-dead-letter-exchange"],
+            ArgValue::Str(String::new())
+        );
+        assert_eq!(
+            step.arguments["x-dead-letter-routing-key"],
+            ArgValue::Str("events_library".into())
+        );
+        assert_eq!(
+            step.arguments["x-dead-letter-strategy"],
+            ArgValue::Str("at-least-once".into())
+        );
         assert_eq!(step.arguments["x-message-ttl"], ArgValue::Int(1000));
         let app = topo.app_queue();
-        assert_eq!(app.arguments["x-dead-letter-routing-key"], ArgValue::Str("events_library.dead".into()));
+        assert_eq!(
+            app.arguments["x-dead-letter-routing-key"],
+            ArgValue::Str("events_library.dead".into())
+        );
         assert_eq!(app.arguments["x-delivery-limit"], ArgValue::Int(20));
         assert_eq!(topo.queues.last().unwrap().name, "events_library.dead");
     }

@@ -71,7 +71,12 @@ pub struct Incoming {
 impl Incoming {
     /// Reads a delivery's metadata. `exchange` and `routing_key` are the
     /// delivery's own; `body` feeds the derived message id.
-    pub fn read(exchange: &str, routing_key: &str, properties: &BasicProperties, body: &[u8]) -> Self {
+    pub fn read(
+        exchange: &str,
+        routing_key: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Self {
         let empty = FieldTable::default();
         let headers = properties.headers().as_ref().unwrap_or(&empty);
         let mut problem = None;
@@ -102,7 +107,10 @@ impl Incoming {
             Ok(None) => 1,
             Ok(Some(n)) if (1..=i64::from(u32::MAX)).contains(&n) => n as u32,
             Ok(Some(n)) => {
-                note(format!("header {} = {n} is out of range (must be >= 1)", headers::ATTEMPT));
+                note(format!(
+                    "header {} = {n} is out of range (must be >= 1)",
+                    headers::ATTEMPT
+                ));
                 1
             }
             Err(e) => {
@@ -262,7 +270,12 @@ mod tests {
     #[test]
     fn a_message_without_properties_is_read() {
         let body = br#"{"aggregateId":"c1"}"#;
-        let inc = Incoming::read("domain_events", "CardAddedToLibraryEvent", &BasicProperties::default(), body);
+        let inc = Incoming::read(
+            "domain_events",
+            "CardAddedToLibraryEvent",
+            &BasicProperties::default(),
+            body,
+        );
         assert_eq!(inc.event_type, "CardAddedToLibraryEvent");
         assert!(inc.message_id_derived);
         assert!(inc.message_id.starts_with("derived-"));
@@ -270,19 +283,38 @@ mod tests {
         assert_eq!(inc.pending_handlers, None);
         assert_eq!(inc.problem, None);
         // Stable: the same message gets the same id on every delivery.
-        let again = Incoming::read("domain_events", "CardAddedToLibraryEvent", &BasicProperties::default(), body);
+        let again = Incoming::read(
+            "domain_events",
+            "CardAddedToLibraryEvent",
+            &BasicProperties::default(),
+            body,
+        );
         assert_eq!(inc.message_id, again.message_id);
-        let other = Incoming::read("domain_events", "CardAddedToLibraryEvent", &BasicProperties::default(), b"{}");
+        let other = Incoming::read(
+            "domain_events",
+            "CardAddedToLibraryEvent",
+            &BasicProperties::default(),
+            b"{}",
+        );
         assert_ne!(inc.message_id, other.message_id);
     }
 
     #[test]
     fn copies_carry_their_event_type_attempt_and_handlers() {
         let mut h = FieldTable::default();
-        h.insert(headers::EVENT_TYPE.into(), long_string("CollectionCreatedEvent"));
+        h.insert(
+            headers::EVENT_TYPE.into(),
+            long_string("CollectionCreatedEvent"),
+        );
         h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(3));
-        h.insert(headers::HANDLERS.into(), string_array(&["feeds.add".into()]));
-        h.insert(headers::FIRST_FAILURE_AT.into(), AMQPValue::LongLongInt(1700));
+        h.insert(
+            headers::HANDLERS.into(),
+            string_array(&["feeds.add".into()]),
+        );
+        h.insert(
+            headers::FIRST_FAILURE_AT.into(),
+            AMQPValue::LongLongInt(1700),
+        );
         let props = props_with(h).with_message_id("m-1".into());
         let inc = Incoming::read("", "events_app", &props, b"{}");
         assert_eq!(inc.event_type, "CollectionCreatedEvent");

@@ -1,0 +1,110 @@
+//! Collections: index every new collection for search. A closure handler,
+//! the shortest way to write one.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use burrow::{Context, DomainEvent, HandlerError, Registry};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A collection was created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectionCreatedEvent {
+    /// The collection.
+    pub aggregate_id: String,
+    /// Its name.
+    pub name: String,
+    /// Who created it.
+    pub author_id: String,
+    /// When; TypeScript publishers call it `dateTimeOccurred`.
+    #[serde(default, alias = "dateTimeOccurred")]
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl DomainEvent for CollectionCreatedEvent {
+    const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+
+    fn aggregate_id(&self) -> String {
+        self.aggregate_id.clone()
+    }
+
+    fn occurred_at(&self) -> DateTime<Utc> {
+        self.occurred_at.unwrap_or_else(Utc::now)
+    }
+}
+
+/// Collection id → searchable name. In memory here.
+pub type SearchIndex = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// Indexes the collection; upserting keeps redeliveries harmless.
+pub async fn index_collection(index: &SearchIndex, event: CollectionCreatedEvent) -> Result<(), HandlerError> {
+    let name = event.name.trim();
+    if name.is_empty() {
+        return Err(HandlerError::permanent(format!(
+            "collection {} has an empty name",
+            event.aggregate_id
+        )));
+    }
+    index
+        .lock()
+        .expect("search index poisoned")
+        .insert(event.aggregate_id, name.to_lowercase());
+    Ok(())
+}
+
+/// Registers the collections handlers with a fresh index.
+pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+    let index = SearchIndex::default();
+    registry.on("collections.index_collection", move |event: CollectionCreatedEvent, _ctx: Context| {
+        let index = index.clone();
+        async move { index_collection(&index, event).await }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(name: &str) -> CollectionCreatedEvent {
+        CollectionCreatedEvent {
+            aggregate_id: "collection-1".into(),
+            name: name.into(),
+            author_id: "user-ada".into(),
+            occurred_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn indexes_the_lowercased_name_idempotently() {
+        let index = SearchIndex::default();
+        index_collection(&index, event("Papers To Read")).await.unwrap();
+        index_collection(&index, event("Papers To Read")).await.unwrap();
+        let index = index.lock().unwrap();
+        assert_eq!(index.len(), 1);
+        assert_eq!(index["collection-1"], "papers to read");
+    }
+
+    #[tokio::test]
+    async fn an_empty_name_is_permanent() {
+        let err = index_collection(&SearchIndex::default(), event("  ")).await.unwrap_err();
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn registers_without_name_clashes() {
+        let mut registry = Registry::new();
+        crate::handlers::register(&mut registry).unwrap();
+        assert_eq!(registry.len(), 3);
+        assert_eq!(
+            registry.binding_keys(),
+            vec!["CardAddedToLibraryEvent".to_string(), "CollectionCreatedEvent".to_string()]
+        );
+        // Registering the modules twice is caught at start.
+        assert!(crate::handlers::register(&mut registry).is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! Feeds: when a card is added to a library, put it in the curator's
+//! followers' activity feed.
+//!
+//! Delivery is at least once, so the handler is idempotent: a feed item is
+//! keyed by the message id and a redelivery adds nothing.
+
+use std::sync::{Arc, Mutex};
+
+use burrow::{Context, DomainEvent, Handler, HandlerError, Registry};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A card was added to a library. Only the fields feeds needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CardAddedToLibraryEvent {
+    /// The card.
+    pub aggregate_id: String,
+    /// Who added it.
+    pub user_id: String,
+    /// When; TypeScript publishers call it `dateTimeOccurred`.
+    #[serde(default, alias = "dateTimeOccurred")]
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl DomainEvent for CardAddedToLibraryEvent {
+    const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+
+    fn aggregate_id(&self) -> String {
+        self.aggregate_id.clone()
+    }
+
+    fn occurred_at(&self) -> DateTime<Utc> {
+        self.occurred_at.unwrap_or_else(Utc::now)
+    }
+}
+
+/// One entry of an activity feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedItem {
+    /// The message that produced it (the idempotency key).
+    pub message_id: String,
+    /// Whose activity.
+    pub user_id: String,
+    /// Which card.
+    pub card_id: String,
+}
+
+/// The feed store. In memory here; a real app writes to its database.
+#[derive(Debug, Clone, Default)]
+pub struct FeedStore(Arc<Mutex<Vec<FeedItem>>>);
+
+impl FeedStore {
+    /// Adds an item unless one with the same message id exists.
+    pub fn add(&self, item: FeedItem) -> bool {
+        let mut items = self.0.lock().expect("feed store poisoned");
+        if items.iter().any(|i| i.message_id == item.message_id) {
+            return false;
+        }
+        items.push(item);
+        true
+    }
+
+    /// A copy of all items.
+    pub fn items(&self) -> Vec<FeedItem> {
+        self.0.lock().expect("feed store poisoned").clone()
+    }
+}
+
+/// Adds the card to the curator's feed.
+#[derive(Debug, Clone, Default)]
+pub struct AddCardToFeed {
+    /// Where feed items go.
+    pub store: FeedStore,
+}
+
+impl Handler for AddCardToFeed {
+    type Event = CardAddedToLibraryEvent;
+
+    fn name(&self) -> &str {
+        "feeds.add_card_to_feed"
+    }
+
+    async fn handle(&self, event: CardAddedToLibraryEvent, ctx: Context) -> Result<(), HandlerError> {
+        if event.user_id.trim().is_empty() {
+            // No retry can make an anonymous curator known.
+            return Err(HandlerError::permanent(format!(
+                "card {} has an empty userId",
+                event.aggregate_id
+            )));
+        }
+        let added = self.store.add(FeedItem {
+            message_id: ctx.message_id.clone(),
+            user_id: event.user_id,
+            card_id: event.aggregate_id,
+        });
+        tracing::info!(added, "feed updated");
+        Ok(())
+    }
+}
+
+/// Registers the feeds handlers.
+pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+    registry.add(AddCardToFeed::default())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: &str) -> CardAddedToLibraryEvent {
+        serde_json::from_value(serde_json::json!({
+            "aggregateId": "card-1",
+            "userId": user,
+            "libraryId": "library-1",
+            "dateTimeOccurred": "2026-11-23T09:00:00Z"
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn adds_the_card_once_per_message() {
+        let handler = AddCardToFeed::default();
+        let ctx = Context::for_test(CardAddedToLibraryEvent::EVENT_TYPE, handler.name());
+        handler.handle(event("user-ada"), ctx.clone()).await.unwrap();
+        handler.handle(event("user-ada"), ctx).await.unwrap();
+        let items = handler.store.items();
+        assert_eq!(items.len(), 1, "a redelivery must not add a second item");
+        assert_eq!(items[0].card_id, "card-1");
+        assert_eq!(items[0].user_id, "user-ada");
+    }
+
+    #[tokio::test]
+    async fn an_anonymous_curator_is_a_permanent_failure() {
+        let handler = AddCardToFeed::default();
+        let ctx = Context::for_test(CardAddedToLibraryEvent::EVENT_TYPE, handler.name());
+        let err = handler.handle(event(" "), ctx).await.unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(handler.store.items().is_empty());
+    }
+
+    #[test]
+    fn reads_the_typescript_field_names() {
+        assert_eq!(
+            event("u").occurred_at.unwrap().to_rfc3339(),
+            "2026-11-23T09:00:00+00:00"
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! The app's handler modules.
+//!
+//! Each module is one file holding the events it subscribes to (its own view
+//! of them: only the fields it needs), its handlers, a `register` function
+//! and its unit tests. To add a module, write `handlers/<name>.rs` and add
+//! its name to the `modules!` line below.
+
+use burrow::Registry;
+
+/// Declares the modules and a `register` that registers each in order.
+macro_rules! modules {
+    ($($module:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// Registers every handler module.
+        pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+            $($module::register(registry)?;)*
+            Ok(())
+        }
+    };
+}
+
+modules![feeds, notifications, collections];
+
+/// Sample events `burrow demo` publishes: `(event type, JSON body)`, shaped
+/// like what a TypeScript publisher sends.
+pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        (
+            "CardAddedToLibraryEvent",
+            serde_json::json!({
+                "aggregateId": "card-1",
+                "userId": "user-ada",
+                "libraryId": "library-1",
+                "dateTimeOccurred": "2026-11-23T09:00:00Z"
+            }),
+        ),
+        (
+            "CardAddedToLibraryEvent",
+            serde_json::json!({
+                "aggregateId": "card-2",
+                "userId": "user-grace",
+                "libraryId": "library-1",
+                "dateTimeOccurred": "2026-11-23T09:00:01Z"
+            }),
+        ),
+        (
+            "CollectionCreatedEvent",
+            serde_json::json!({
+                "aggregateId": "collection-1",
+                "name": "Papers to read",
+                "authorId": "user-ada",
+                "dateTimeOccurred": "2026-11-23T09:00:02Z"
+            }),
+        ),
+    ]
+}

@@ -1,0 +1,245 @@
+//! `burrow demo`: a newcomer's first run.
+//!
+//! Starts a worker for a throw-away app (`<app.name>-demo-<id>`) with the
+//! app's handler modules plus one demo handler that fails once, publishes the
+//! modules' sample events, one event for the flaky handler and one body that
+//! is not JSON, waits until every message has settled for good, prints what
+//! happened and deletes the demo's queues.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use lapin::{BasicProperties, types::ShortString};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Context, DomainEvent, EventMeta, HandlerError, Outcome, Publisher, Registry, Settings,
+    Topology, Worker, connection,
+    error::{Error, Result},
+};
+
+/// The event only the demo publishes; its handler fails on the first attempt.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DemoFlakyEvent {
+    aggregate_id: String,
+}
+
+impl DomainEvent for DemoFlakyEvent {
+    const EVENT_TYPE: &'static str = "BurrowDemoFlakyEvent";
+    fn aggregate_id(&self) -> String {
+        self.aggregate_id.clone()
+    }
+    fn occurred_at(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// What the demo saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DemoSummary {
+    /// Messages whose handlers all succeeded in the end.
+    pub handled: usize,
+    /// Retry moves made.
+    pub retried: usize,
+    /// Messages dead-lettered.
+    pub dead_lettered: usize,
+}
+
+/// Runs the demo with the app's handlers (`register`) and sample events.
+pub async fn run(
+    mut settings: Settings,
+    register: fn(&mut Registry) -> Result<()>,
+    samples: Vec<(&'static str, serde_json::Value)>,
+) -> Result<DemoSummary> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    settings.app.name = format!("{}-demo-{}", settings.app.name, &id[..6]);
+    settings.queue.name = None;
+    settings.retry.delays = vec![Duration::from_secs(1)];
+    settings.http.addr = None;
+
+    let mut registry = Registry::new();
+    register(&mut registry)?;
+    registry.on(
+        "demo.flaky_once",
+        |event: DemoFlakyEvent, ctx: Context| async move {
+            if ctx.attempt == 1 {
+                return Err(HandlerError::transient(format!(
+                    "pretend the search service timed out indexing {}",
+                    event.aggregate_id
+                )));
+            }
+            Ok(())
+        },
+    )?;
+
+    let topology = Topology::for_app(&settings, &registry);
+    println!(
+        "burrow demo: app {:?} on exchange {:?}",
+        settings.app.name, settings.amqp.exchange
+    );
+    println!(
+        "  queues: {} (retry after 1s: {}, dead letters: {})",
+        settings.app_queue(),
+        topology.queues[1].name,
+        settings.dead_letter_queue()
+    );
+
+    let mut worker = Worker::new(settings.clone(), registry)?.spawn();
+    let mut outcomes = worker.outcomes();
+    let result = async {
+        tokio::time::timeout(Duration::from_secs(30), worker.consuming())
+            .await
+            .map_err(|_| Error::ConsumerStopped {
+                queue: settings.app_queue(),
+                reason: "the worker did not start consuming within 30 s".into(),
+            })??;
+
+        let publisher = Publisher::connect(&settings).await?;
+        let mut labels = HashMap::new();
+        for (i, (event_type, body)) in samples.iter().enumerate() {
+            let message_id = format!("demo-{}-{i}", &id[..6]);
+            publisher
+                .publish_json(
+                    event_type,
+                    body,
+                    EventMeta::default().message_id(&message_id),
+                )
+                .await?;
+            labels.insert(
+                message_id,
+                format!(
+                    "{event_type} {}",
+                    body["aggregateId"].as_str().unwrap_or("")
+                ),
+            );
+        }
+        let flaky_id = format!("demo-{}-flaky", &id[..6]);
+        publisher
+            .publish_with(
+                &DemoFlakyEvent {
+                    aggregate_id: "search-index".into(),
+                },
+                EventMeta::default().message_id(&flaky_id),
+            )
+            .await?;
+        labels.insert(
+            flaky_id,
+            format!("{} (its handler fails once)", DemoFlakyEvent::EVENT_TYPE),
+        );
+        if let Some((event_type, _)) = samples.first() {
+            let broken_id = format!("demo-{}-broken", &id[..6]);
+            let props = BasicProperties::default()
+                .with_message_id(ShortString::from(broken_id.as_str()))
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            publisher
+                .send(
+                    &settings.amqp.exchange,
+                    event_type,
+                    br#"{"aggregateId": "card-3", "userId": "#,
+                    props,
+                )
+                .await?;
+            labels.insert(
+                broken_id,
+                format!("{event_type} with a truncated JSON body"),
+            );
+        }
+        println!(
+            "published {} messages, waiting for each to settle...",
+            labels.len()
+        );
+
+        let mut summary = DemoSummary::default();
+        let mut pending = labels.clone();
+        while !pending.is_empty() {
+            let outcome =
+                tokio::time::timeout(Duration::from_secs(30), next_outcome(&mut outcomes))
+                    .await
+                    .map_err(|_| Error::ConsumerStopped {
+                        queue: settings.app_queue(),
+                        reason: format!("{} messages did not settle within 30 s", pending.len()),
+                    })??;
+            let Some(label) = pending.get(&outcome.message_id).cloned() else {
+                continue;
+            };
+            print_outcome(&label, &outcome);
+            if outcome.retried.is_some() {
+                summary.retried += 1;
+            }
+            if outcome.dead_lettered.is_some() {
+                summary.dead_lettered += 1;
+            } else if outcome.retried.is_none() {
+                summary.handled += 1;
+            }
+            if outcome.retried.is_none() {
+                pending.remove(&outcome.message_id);
+            }
+        }
+        publisher.close().await;
+        Ok(summary)
+    }
+    .await;
+
+    let stopped = worker.shutdown().await;
+    let cleanup = async {
+        let conn = connection::connect(
+            &settings.amqp.url,
+            settings.amqp.heartbeat,
+            "burrow demo cleanup",
+        )
+        .await?;
+        topology.delete_queues(&conn).await?;
+        let _ = conn.close(200, "demo done".into()).await;
+        Ok::<_, Error>(())
+    }
+    .await;
+    let summary = result?;
+    stopped?;
+    cleanup?;
+    println!(
+        "summary: handled {}, retried {}, dead-lettered {}",
+        summary.handled, summary.retried, summary.dead_lettered
+    );
+    println!("(demo queues deleted; run `burrow run` to start a real worker)");
+    Ok(summary)
+}
+
+async fn next_outcome(rx: &mut tokio::sync::broadcast::Receiver<Outcome>) -> Result<Outcome> {
+    loop {
+        match rx.recv().await {
+            Ok(o) => return Ok(o),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return Err(Error::ConsumerStopped {
+                    queue: String::new(),
+                    reason: "the worker stopped".into(),
+                });
+            }
+        }
+    }
+}
+
+fn print_outcome(label: &str, o: &Outcome) {
+    if let Some((step, handlers)) = &o.retried {
+        println!(
+            "  retry    {label}: attempt {} failed in {}; retry step {step}",
+            o.attempt,
+            handlers.join(", ")
+        );
+    } else if let Some((reason, handlers)) = &o.dead_lettered {
+        let who = if handlers.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", handlers.join(", "))
+        };
+        println!("  dead     {label}: {reason}{who}");
+    } else {
+        println!(
+            "  handled  {label} on attempt {} by {}",
+            o.attempt,
+            o.succeeded.join(", ")
+        );
+    }
+}
