@@ -385,3 +385,219 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         "non-string panic payload".to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DomainEvent, HandlerError, wire::headers};
+    use chrono::{DateTime, Utc};
+    use lapin::types::{AMQPValue, FieldTable};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Ping {
+        aggregate_id: String,
+        mode: String,
+    }
+
+    impl DomainEvent for Ping {
+        const EVENT_TYPE: &'static str = "Ping";
+        fn aggregate_id(&self) -> String {
+            self.aggregate_id.clone()
+        }
+        fn occurred_at(&self) -> DateTime<Utc> {
+            Utc::now()
+        }
+    }
+
+    /// Two handlers on `Ping`: `ok` always succeeds; `picky` fails the way
+    /// the event's `mode` says.
+    fn pipeline(delays: usize) -> Pipeline {
+        let mut registry = Registry::new();
+        registry
+            .on("ok", |_: Ping, _| async { Ok(()) })
+            .unwrap()
+            .on("picky", |p: Ping, _| async move {
+                match p.mode.as_str() {
+                    "transient" => Err(HandlerError::transient("busy")),
+                    "permanent" => Err(HandlerError::permanent("bad data")),
+                    "panic" => panic!("boom"),
+                    "hang" => {
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .unwrap();
+        let ladder = RetryLadder::new("q", &vec![Duration::from_secs(1); delays]);
+        Pipeline::new(Arc::new(registry), ladder, Duration::from_millis(50), 1024)
+    }
+
+    async fn run(p: &Pipeline, body: &[u8], headers: FieldTable) -> Processed {
+        let props = BasicProperties::default().with_headers(headers);
+        p.process("ex", "Ping", &props, body, &CancellationToken::new())
+            .await
+    }
+
+    fn body(mode: &str) -> Vec<u8> {
+        format!(r#"{{"aggregateId":"a","mode":"{mode}"}}"#).into_bytes()
+    }
+
+    #[tokio::test]
+    async fn all_ok_acks() {
+        let out = run(&pipeline(2), &body("fine"), FieldTable::default()).await;
+        assert_eq!(out.settlement, Settlement::Ack);
+        assert_eq!(out.runs.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_retries_only_the_failed_handler() {
+        let out = run(&pipeline(2), &body("transient"), FieldTable::default()).await;
+        let Settlement::Retry(r) = &out.settlement else {
+            panic!("{:?}", out.settlement)
+        };
+        assert_eq!(r.step.number, 1);
+        assert_eq!(r.handlers, vec!["picky".to_string()]);
+        assert_eq!(r.errors, vec!["picky: transient error: busy".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_retry_copy_runs_only_the_named_handlers_and_climbs_the_ladder() {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(2));
+        h.insert(
+            headers::HANDLERS.into(),
+            crate::wire::string_array(&["picky".into()]),
+        );
+        let out = run(&pipeline(2), &body("transient"), h.clone()).await;
+        assert_eq!(out.runs.len(), 1, "ok must not run again");
+        assert_eq!(out.settlement.retry().unwrap().step.number, 2);
+
+        h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(3));
+        let out = run(&pipeline(2), &body("transient"), h).await;
+        let d = out.settlement.dead_letter().expect("ladder exhausted");
+        assert_eq!(d.reason, DeadReason::AttemptsExhausted);
+        assert_eq!(d.handlers, vec!["picky".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_dead_letters_at_once() {
+        let out = run(&pipeline(2), &body("permanent"), FieldTable::default()).await;
+        let d = out.settlement.dead_letter().unwrap();
+        assert_eq!(d.reason, DeadReason::Permanent);
+        assert_eq!(d.handlers, vec!["picky".to_string()]);
+        assert!(out.settlement.retry().is_none());
+    }
+
+    #[tokio::test]
+    async fn panics_and_timeouts_are_transient() {
+        for mode in ["panic", "hang"] {
+            let out = run(&pipeline(1), &body(mode), FieldTable::default()).await;
+            let r = out
+                .settlement
+                .retry()
+                .unwrap_or_else(|| panic!("{mode}: {:?}", out.settlement));
+            assert_eq!(r.handlers, vec!["picky".to_string()], "{mode}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_that_do_not_decode_are_dead_lettered() {
+        for bad in [&b"{not json"[..], b"", b"\xff\xfe", br#"{"aggregateId":1}"#] {
+            let out = run(&pipeline(2), bad, FieldTable::default()).await;
+            let d = out.settlement.dead_letter().unwrap();
+            assert_eq!(d.reason, DeadReason::Undecodable, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn guards_run_before_any_handler() {
+        let p = pipeline(2);
+        let big = vec![b' '; 2048];
+        let out = run(&p, &big, FieldTable::default()).await;
+        assert_eq!(
+            out.settlement.dead_letter().unwrap().reason,
+            DeadReason::TooLarge
+        );
+        assert!(out.runs.is_empty());
+
+        let props = BasicProperties::default().with_content_encoding("gzip".into());
+        let out = p
+            .process(
+                "ex",
+                "Ping",
+                &props,
+                &body("fine"),
+                &CancellationToken::new(),
+            )
+            .await;
+        assert_eq!(
+            out.settlement.dead_letter().unwrap().reason,
+            DeadReason::UnsupportedEncoding
+        );
+
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(-1));
+        let out = run(&p, &body("fine"), h).await;
+        assert_eq!(
+            out.settlement.dead_letter().unwrap().reason,
+            DeadReason::BadHeaders
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_event_types_are_ignored_and_unknown_handlers_dead_lettered() {
+        let p = pipeline(2);
+        let props = BasicProperties::default();
+        let out = p
+            .process(
+                "ex",
+                "Pong",
+                &props,
+                &body("fine"),
+                &CancellationToken::new(),
+            )
+            .await;
+        assert!(matches!(out.settlement, Settlement::Ignore { .. }));
+
+        let mut h = FieldTable::default();
+        h.insert(
+            headers::HANDLERS.into(),
+            crate::wire::string_array(&["gone".into(), "ok".into()]),
+        );
+        let out = run(&p, &body("fine"), h).await;
+        let d = out.settlement.dead_letter().unwrap();
+        assert_eq!(d.reason, DeadReason::UnknownHandler);
+        assert_eq!(d.handlers, vec!["gone".to_string()]);
+        assert_eq!(out.runs.iter().filter(|r| r.result.is_ok()).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn mixed_failures_split_into_a_retry_and_a_dead_letter() {
+        let mut registry = Registry::new();
+        registry
+            .on("flaky", |_: Ping, _| async {
+                Err(HandlerError::transient("later"))
+            })
+            .unwrap()
+            .on("broken", |_: Ping, _| async {
+                Err(HandlerError::permanent("never"))
+            })
+            .unwrap();
+        let p = Pipeline::new(
+            Arc::new(registry),
+            RetryLadder::new("q", &[Duration::from_secs(1)]),
+            Duration::from_secs(1),
+            1024,
+        );
+        let out = run(&p, &body("x"), FieldTable::default()).await;
+        let Settlement::RetryAndDeadLetter(r, d) = &out.settlement else {
+            panic!("{:?}", out.settlement)
+        };
+        assert_eq!(r.handlers, vec!["flaky".to_string()]);
+        assert_eq!(d.handlers, vec!["broken".to_string()]);
+        assert_eq!(d.reason, DeadReason::Permanent);
+    }
+}
