@@ -63,6 +63,19 @@ enum Command {
     /// Start a worker, publish sample events (one undecodable, one whose
     /// handler fails once), print what happened, clean up.
     Demo,
+    /// Probe the local /healthz endpoint (the container HEALTHCHECK); exit 0 when live.
+    Healthcheck {
+        /// Which endpoint: healthz (liveness) or readyz (readiness).
+        #[arg(long, default_value = "healthz")]
+        endpoint: String,
+    },
+    /// Consume until the app queue and in-flight work have been empty for
+    /// --idle, then exit 0 (on-demand workers: Fly Machines, Kubernetes Jobs, KEDA ScaledJob).
+    Drain {
+        /// How long the queue must stay empty, e.g. 5s, 1m.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,7 +120,7 @@ async fn execute(command: Command, app: App) -> Result<()> {
     let filter = match command {
         Command::Run => settings.log.filter.clone(),
         Command::Demo => "error".to_owned(),
-        _ => "warn".to_owned(),
+        _ => "warn,lapin=error".to_owned(),
     };
     init_tracing(&settings, &filter);
     match command {
@@ -115,16 +128,41 @@ async fn execute(command: Command, app: App) -> Result<()> {
             let mut registry = Registry::new();
             (app.register)(&mut registry)?;
             let worker = Worker::new(settings, registry)?;
-            let report = worker.run(shutdown_signal()).await?;
-            if report.abandoned > 0 {
-                return Err(Error::ConsumerStopped {
-                    queue: String::new(),
-                    reason: format!(
-                        "{} handler(s) were still running at the shutdown deadline; their messages were not acked and will be redelivered",
-                        report.abandoned
-                    ),
-                });
-            }
+            run_with_http(worker, shutdown_signal()).await
+        }
+        Command::Drain { idle } => {
+            let mut registry = Registry::new();
+            (app.register)(&mut registry)?;
+            let worker = Worker::new(settings.clone(), registry)?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let monitor = tokio::spawn(idle_monitor(
+                settings,
+                worker.metrics().clone(),
+                worker.state(),
+                idle,
+                stop.clone(),
+            ));
+            let token = stop.clone();
+            let result = run_with_http(worker, async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {},
+                    _ = token.cancelled() => {},
+                }
+            })
+            .await;
+            stop.cancel();
+            let _ = monitor.await;
+            result
+        }
+        Command::Healthcheck { endpoint } => {
+            let addr = settings.http.addr.ok_or_else(|| {
+                Error::Config(
+                    "http.addr is unset, so there is no endpoint to probe; set http.addr".into(),
+                )
+            })?;
+            let body =
+                crate::http::probe(addr, &format!("/{}", endpoint.trim_start_matches('/'))).await?;
+            println!("{body}");
             Ok(())
         }
         Command::Publish {
@@ -180,6 +218,119 @@ async fn execute(command: Command, app: App) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs the worker with its HTTP endpoint (when `http.addr` is set) until
+/// `shutdown`; readiness turns 503 as soon as draining starts, and the
+/// endpoint stays up until the worker has stopped.
+async fn run_with_http(
+    worker: Worker,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let settings = worker.settings().clone();
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let server = match settings.http.addr {
+        Some(addr) => {
+            let stall_after =
+                settings.consumer.handler_timeout + settings.publisher.confirm_timeout * 2;
+            let router = crate::http::router(worker.metrics().clone(), worker.state(), stall_after);
+            // Bind before consuming so a taken port fails fast.
+            let listener = crate::http::bind(addr).await?;
+            let stop = http_stop.clone();
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                router,
+                async move { stop.cancelled().await },
+            )))
+        }
+        None => None,
+    };
+    let result = worker.run(shutdown).await;
+    http_stop.cancel();
+    if let Some(server) = server
+        && let Ok(Err(e)) = server.await
+    {
+        tracing::warn!(error = %e, "http endpoint stopped with an error");
+    }
+    let report = result?;
+    if report.abandoned > 0 {
+        return Err(Error::ConsumerStopped {
+            queue: settings.app_queue(),
+            reason: format!(
+                "{} handler(s) were still running at the shutdown deadline; their messages were not acked and will be redelivered",
+                report.abandoned
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Cancels `stop` once the worker consumes, nothing is in flight and the
+/// app queue has held no ready message for `idle`. Messages waiting in retry
+/// steps come back later and start the next on-demand run.
+async fn idle_monitor(
+    settings: Settings,
+    metrics: crate::Metrics,
+    state: tokio::sync::watch::Receiver<crate::WorkerState>,
+    idle: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut conn = None;
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let consuming = *state.borrow() == crate::WorkerState::Consuming;
+        let ready = if consuming {
+            ready_messages(&settings, &mut conn).await
+        } else {
+            None
+        };
+        let empty = consuming && metrics.in_flight() == 0 && ready == Some(0);
+        match (empty, idle_since) {
+            (false, _) => idle_since = None,
+            (true, None) => idle_since = Some(tokio::time::Instant::now()),
+            (true, Some(since)) if since.elapsed() >= idle => {
+                tracing::info!(idle = %humantime::format_duration(idle), "queue empty and nothing in flight; draining done");
+                stop.cancel();
+                break;
+            }
+            (true, Some(_)) => {}
+        }
+    }
+    if let Some(conn) = conn {
+        let _ = conn.close(200, "drain done".into()).await;
+    }
+}
+
+/// Ready messages in the app queue (passive declare), or `None` if unknown.
+async fn ready_messages(settings: &Settings, conn: &mut Option<lapin::Connection>) -> Option<u32> {
+    if conn.as_ref().is_none_or(|c| !c.status().connected()) {
+        *conn = connection::connect(
+            &settings.amqp.url,
+            settings.amqp.heartbeat,
+            "burrow drain monitor",
+        )
+        .await
+        .ok();
+    }
+    let channel = conn.as_ref()?.create_channel().await.ok()?;
+    let queue = channel
+        .queue_declare(
+            settings.app_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .ok();
+    let _ = channel.close(200, "".into()).await;
+    queue.map(|q| q.message_count())
 }
 
 fn init_tracing(settings: &Settings, default_filter: &str) {

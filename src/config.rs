@@ -234,7 +234,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            filter: "info,lapin=warn".into(),
+            filter: "info,lapin=error".into(),
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::{
     connection,
     error::{Error, Result},
     handler::Registry,
+    metrics::{Metrics, RunOutcome},
     pipeline::{DeadLetterMove, DeadReason, Pipeline, Processed, RetryMove, Settlement},
     publisher::Publisher,
     retry::RetryLadder,
@@ -53,6 +54,8 @@ pub enum WorkerState {
     Starting,
     /// Consuming the app queue.
     Consuming,
+    /// The broker was lost; waiting to reconnect.
+    Reconnecting,
     /// A shutdown signal arrived; in-flight deliveries are finishing.
     Draining,
     /// Stopped.
@@ -108,6 +111,7 @@ pub struct Worker {
     registry: Arc<Registry>,
     outcomes: broadcast::Sender<Outcome>,
     state: watch::Sender<WorkerState>,
+    metrics: Metrics,
 }
 
 impl Worker {
@@ -128,7 +132,28 @@ impl Worker {
             registry: Arc::new(registry),
             outcomes,
             state,
+            metrics: Metrics::new(),
         })
+    }
+
+    /// The worker's metrics (also served at `/metrics` by [`crate::http`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A receiver of the worker's state changes (readiness).
+    pub fn state(&self) -> watch::Receiver<WorkerState> {
+        self.state.subscribe()
+    }
+
+    /// Subscribes to delivery outcomes.
+    pub fn outcomes(&self) -> broadcast::Receiver<Outcome> {
+        self.outcomes.subscribe()
+    }
+
+    /// The settings the worker runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The topology this worker declares.
@@ -155,44 +180,111 @@ impl Worker {
     /// in-flight handlers finish within `consumer.shutdown_timeout`, and
     /// closes the connections. Deliveries prefetched but not started go back
     /// to the queue when the channel closes.
+    ///
+    /// Losing the broker never ends the run: the worker reconnects forever
+    /// with capped exponential backoff and jitter, declares its topology
+    /// again and resumes. Only errors a person must fix end it: a topology
+    /// mismatch, refused declarations, bad configuration.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport> {
-        let result = self.run_inner(shutdown).await;
+        let result = self.run_sessions(shutdown).await;
+        self.metrics.set_connected(false);
         self.state.send_replace(WorkerState::Stopped);
         result
     }
 
-    async fn run_inner(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport> {
+    async fn run_sessions(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport> {
+        let publisher = Publisher::new(&self.settings, self.metrics.clone())?;
+        let mut report = RunReport::default();
+        tokio::pin!(shutdown);
+        let mut delays = reconnect_backoff();
+        let result = loop {
+            match self.session(&publisher, &mut shutdown, &mut report).await {
+                SessionEnd::Shutdown => break Ok(()),
+                SessionEnd::Lost { error, consumed } => {
+                    self.metrics.set_connected(false);
+                    if !error.is_retryable() {
+                        break Err(error);
+                    }
+                    if consumed {
+                        delays = reconnect_backoff();
+                    }
+                    let delay = delays.next().unwrap_or(MAX_RECONNECT_DELAY);
+                    self.state.send_replace(WorkerState::Reconnecting);
+                    error!(error = %error, retry_in = %humantime::format_duration(delay), "lost the broker; reconnecting");
+                    tokio::select! {
+                        _ = &mut shutdown => break Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        publisher.close().await;
+        info!(
+            settled = report.settled,
+            abandoned = report.abandoned,
+            "worker stopped"
+        );
+        result.map(|()| report)
+    }
+
+    /// One connection's worth of consuming. Ends on shutdown (after
+    /// draining) or when the connection, channel or consumer is lost.
+    async fn session<F: Future<Output = ()>>(
+        &self,
+        publisher: &Publisher,
+        shutdown: &mut std::pin::Pin<&mut F>,
+        report: &mut RunReport,
+    ) -> SessionEnd {
         let settings = &self.settings;
-        let publisher = Publisher::connect(settings).await?;
-        let conn = connection::connect(
+        let lost = |error: Error| SessionEnd::Lost {
+            error,
+            consumed: false,
+        };
+        let conn = match connection::connect(
             &settings.amqp.url,
             settings.amqp.heartbeat,
             &format!("burrow consumer ({})", settings.app.name),
         )
-        .await?;
-        let topology = self.topology();
-        topology.declare(&conn).await?;
-
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return lost(e),
+        };
         let queue = settings.app_queue();
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::amqp("channel.open (consumer)", e))?;
-        channel
-            .basic_qos(settings.consumer.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Error::amqp("basic.qos", e))?;
         let tag = consumer_tag(&settings.app.name);
-        let mut consumer = channel
-            .basic_consume(
-                wire::short_string("queue name", &queue)?,
-                wire::short_string("consumer tag", &tag)?,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("basic.consume on '{queue}'"), e))?;
+        let opened = async {
+            self.topology().declare(&conn).await?;
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| Error::amqp("channel.open (consumer)", e))?;
+            channel
+                .basic_qos(settings.consumer.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| Error::amqp("basic.qos", e))?;
+            let consumer = channel
+                .basic_consume(
+                    wire::short_string("queue name", &queue)?,
+                    wire::short_string("consumer tag", &tag)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::amqp(format!("basic.consume on '{queue}'"), e))?;
+            Ok::<_, Error>((channel, consumer))
+        }
+        .await;
+        let (channel, mut consumer) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                if conn.status().connected() {
+                    let _ = conn.close(200, "start-up failed".into()).await;
+                }
+                return lost(e);
+            }
+        };
         info!(queue = %queue, consumer_tag = %tag, handlers = self.registry.len(), "consuming");
+        self.metrics.set_connected(true);
         self.state.send_replace(WorkerState::Consuming);
 
         let shared = Arc::new(Shared {
@@ -203,81 +295,126 @@ impl Worker {
                 settings.consumer.max_body_bytes,
             ),
             publisher: publisher.clone(),
+            queue: queue.clone(),
             dead_queue: settings.dead_letter_queue(),
             outcomes: self.outcomes.clone(),
+            metrics: self.metrics.clone(),
             shutdown: CancellationToken::new(),
         });
         let slots = Arc::new(Semaphore::new(settings.consumer.concurrency));
         let mut tasks = JoinSet::new();
-        let mut settled = 0u64;
-        tokio::pin!(shutdown);
 
-        let stream_end: Option<String> = loop {
+        let lost_reason: Option<String> = loop {
             // Take a slot first: with every slot busy, deliveries stay in the
             // prefetch buffer (unacked, owned by the broker) instead of piling
             // up as tasks.
             let slot = tokio::select! {
                 biased;
-                _ = &mut shutdown => break None,
+                _ = shutdown.as_mut() => break None,
                 slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
             };
             let next = tokio::select! {
                 biased;
-                _ = &mut shutdown => break None,
+                _ = shutdown.as_mut() => break None,
                 next = consumer.next() => next,
             };
             while let Some(done) = tasks.try_join_next() {
-                settled += u64::from(done.is_ok());
+                report.settled += u64::from(done.is_ok());
             }
             match next {
                 Some(Ok(delivery)) => {
                     let shared = shared.clone();
+                    shared.metrics.delivery_started();
                     tasks.spawn(async move {
                         shared.handle(delivery).await;
+                        shared.metrics.delivery_settled();
                         drop(slot);
                     });
                 }
                 Some(Err(e)) => break Some(format!("consumer error: {e}")),
-                None => break Some("the broker cancelled the consumer (queue deleted?)".into()),
+                // basic.cancel from the broker (queue deleted, consumer
+                // timeout) or the channel closed: subscribe again.
+                None => {
+                    break Some(
+                        "the broker cancelled the consumer (queue deleted or channel closed)"
+                            .into(),
+                    );
+                }
             }
         };
-
-        self.state.send_replace(WorkerState::Draining);
-        if channel.status().connected()
-            && let Err(e) = channel
-                .basic_cancel(
-                    wire::short_string("consumer tag", &tag)?,
-                    BasicCancelOptions::default(),
-                )
-                .await
-        {
-            warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
+        let shutting_down = lost_reason.is_none();
+        if shutting_down {
+            self.state.send_replace(WorkerState::Draining);
+            self.metrics.set_connected(false);
+            info!("shutting down: no new deliveries; waiting for in-flight handlers");
+            if channel.status().connected()
+                && let Ok(tag) = wire::short_string("consumer tag", &tag)
+                && let Err(e) = channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+            {
+                warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
+            }
+            shared.shutdown.cancel();
         }
-        shared.shutdown.cancel();
         let deadline = settings.consumer.shutdown_timeout;
         let drained = tokio::time::timeout(deadline, async {
             while let Some(done) = tasks.join_next().await {
-                settled += u64::from(done.is_ok());
+                report.settled += u64::from(done.is_ok());
             }
         })
         .await;
-        let abandoned = tasks.len();
         if drained.is_err() {
+            let abandoned = tasks.len();
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {
+                self.metrics.delivery_settled();
+            }
+            report.abandoned += abandoned;
             warn!(
                 abandoned,
                 timeout = %humantime::format_duration(deadline),
-                "handlers still running at the shutdown deadline were stopped without ack; their deliveries will be redelivered"
+                "handlers still running at the deadline were stopped without ack; their deliveries will be redelivered"
             );
         }
         close(&channel, &conn).await;
-        publisher.close().await;
-        info!(settled, abandoned, "worker stopped");
-        match stream_end {
-            Some(reason) => Err(Error::ConsumerStopped { queue, reason }),
-            None => Ok(RunReport { settled, abandoned }),
+        match lost_reason {
+            None => SessionEnd::Shutdown,
+            Some(reason) => SessionEnd::Lost {
+                error: Error::ConsumerStopped { queue, reason },
+                consumed: true,
+            },
         }
     }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The shutdown signal arrived and the session drained.
+    Shutdown,
+    /// The connection, channel or consumer was lost (or never opened).
+    Lost {
+        /// What happened.
+        error: Error,
+        /// Whether the session got as far as consuming (resets the backoff).
+        consumed: bool,
+    },
+}
+
+/// The longest wait between reconnection attempts.
+const MAX_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reconnect delays: 200 ms doubling to 30 s, with jitter so a fleet of
+/// workers does not reconnect in lockstep after a broker restart; never
+/// gives up (lapin's own recovery stops after a fixed number of tries).
+fn reconnect_backoff() -> impl Iterator<Item = std::time::Duration> {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(MAX_RECONNECT_DELAY)
+            .with_jitter()
+            .without_max_times(),
+    )
 }
 
 async fn close(channel: &Channel, conn: &Connection) {
@@ -328,7 +465,7 @@ impl WorkerHandle {
                         reason: "the worker stopped before it started consuming".into(),
                     });
                 }
-                WorkerState::Starting => {}
+                WorkerState::Starting | WorkerState::Reconnecting => {}
             }
             if self.state.changed().await.is_err() || self.task.is_finished() {
                 return Err(Error::ConsumerStopped {
@@ -360,8 +497,10 @@ impl WorkerHandle {
 struct Shared {
     pipeline: Pipeline,
     publisher: Publisher,
+    queue: String,
     dead_queue: String,
     outcomes: broadcast::Sender<Outcome>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 }
 
@@ -402,11 +541,37 @@ impl Shared {
                 processed.incoming.correlation_id.as_deref().unwrap_or(""),
             );
             span.record("attempt", processed.incoming.attempt);
+            self.record_metrics(&processed);
             let acked = self.settle(&processed, &properties, &data, &acker).await;
             let _ = self.outcomes.send(outcome(&processed, acked));
         }
         .instrument(span)
         .await
+    }
+
+    fn record_metrics(&self, processed: &Processed) {
+        let event = processed.incoming.event_type.as_str();
+        self.metrics.delivery_received(&self.queue, event);
+        let retry = processed.settlement.retry();
+        let dead = processed.settlement.dead_letter();
+        for run in &processed.runs {
+            let name: &str = &run.handler;
+            let outcome = if run.result.is_ok() {
+                RunOutcome::Ok
+            } else if retry.is_some_and(|r| r.handlers.iter().any(|h| h == name)) {
+                RunOutcome::Retry
+            } else {
+                RunOutcome::Dead
+            };
+            self.metrics
+                .handler_ran(name, event, outcome, run.duration.as_secs_f64());
+        }
+        if let Some(r) = retry {
+            self.metrics.retried(&self.queue, r.step.number);
+        }
+        if let Some(d) = dead {
+            self.metrics.dead_lettered(&self.queue, d.reason.as_str());
+        }
     }
 
     /// Carries out a settlement. Returns whether the ack was sent.

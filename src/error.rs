@@ -146,6 +146,10 @@ pub enum Error {
     #[error("publisher pool: {0}")]
     Pool(String),
 
+    /// The health and metrics endpoint failed, or a probe of it did.
+    #[error("HTTP endpoint: {0}")]
+    Http(String),
+
     /// The worker's consumer was cancelled or its connection ended.
     #[error("consumer on queue '{queue}' stopped: {reason}")]
     ConsumerStopped {
@@ -178,6 +182,7 @@ impl Error {
             Error::Serialize { .. } => false,
             Error::NameTooLong { .. } => false,
             Error::Registry(_) => false,
+            Error::Http(_) => false,
         }
     }
 

@@ -33,6 +33,8 @@
 //! | [`retry`] | the [`RetryLadder`] |
 //! | [`publisher`] | pooled confirm-mode channels, [`Publisher`] |
 //! | [`handler`] | the [`Handler`] trait, closures, the [`Registry`] |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics` |
+//! | [`metrics`] | Prometheus metrics |
 //! | [`pipeline`] | delivery → [`Settlement`], no I/O |
 //! | [`consumer`] | the [`Worker`] loop and settlement |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
@@ -79,6 +81,8 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod handler;
+pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod publisher;
 pub mod retry;
@@ -91,6 +95,7 @@ pub use consumer::{Outcome, RunReport, Worker, WorkerHandle, WorkerState};
 pub use error::{Error, Result};
 pub use event::{DomainEvent, EventMeta};
 pub use handler::{BoxError, Context, Failure, Handler, HandlerError, Registry, ResultExt};
+pub use metrics::Metrics;
 pub use pipeline::{DeadReason, Pipeline, Settlement};
 pub use publisher::Publisher;
 pub use retry::RetryLadder;

@@ -15,9 +15,14 @@
 //! without it, so many publishes are in flight per channel. A semaphore of
 //! `publisher.max_in_flight` permits bounds the unconfirmed window.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use backon::BackoffBuilder;
+
+use deadpool::managed::{self, RecycleError, RecycleResult};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -30,6 +35,7 @@ use crate::{
     connection,
     error::{Error, Result},
     event::{DomainEvent, EventMeta},
+    metrics::{Metrics, PublishOutcome},
     wire::{headers, long_string, short_string},
 };
 
@@ -65,6 +71,7 @@ struct Inner {
     exchange: String,
     app_id: String,
     confirm_timeout: Duration,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -117,7 +124,7 @@ impl managed::Manager for ChannelManager {
         Ok(channel)
     }
 
-    async fn recycle(&self, channel: &mut Channel, _: &Metrics) -> RecycleResult<Error> {
+    async fn recycle(&self, channel: &mut Channel, _: &managed::Metrics) -> RecycleResult<Error> {
         if channel.status().connected() {
             Ok(())
         } else {
@@ -127,16 +134,23 @@ impl managed::Manager for ChannelManager {
 }
 
 impl Publisher {
-    /// Opens the publisher's connection and pool for `settings`.
+    /// Opens the publisher's connection and pool for `settings`; fails now
+    /// if the broker cannot be reached.
     pub async fn connect(settings: &Settings) -> Result<Self> {
+        let publisher = Self::new(settings, Metrics::new())?;
+        publisher.inner.pool.manager().connection().await?;
+        Ok(publisher)
+    }
+
+    /// A publisher that connects on first use and reconnects after the
+    /// connection is lost, recording into `metrics`.
+    pub fn new(settings: &Settings, metrics: Metrics) -> Result<Self> {
         let manager = ChannelManager {
             url: settings.amqp.url.clone(),
             heartbeat: settings.amqp.heartbeat,
             name: format!("burrow publisher ({})", settings.app.name),
             connection: Mutex::new(None),
         };
-        // Connect now so a wrong URL fails here, not at the first publish.
-        manager.connection().await?;
         let pool = managed::Pool::builder(manager)
             .max_size(settings.publisher.channels)
             .runtime(deadpool::Runtime::Tokio1)
@@ -150,8 +164,14 @@ impl Publisher {
                 exchange: settings.amqp.exchange.clone(),
                 app_id: settings.app.name.clone(),
                 confirm_timeout: settings.publisher.confirm_timeout,
+                metrics,
             }),
         })
+    }
+
+    /// The metrics this publisher records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The exchange events are published to.
@@ -215,8 +235,13 @@ impl Publisher {
     }
 
     /// Publishes raw bytes with the given properties to `exchange` (`""` is
-    /// the default exchange, routing straight to the queue named `routing_key`).
-    /// Used by the consumer to move messages to retry and dead-letter queues.
+    /// the default exchange, routing straight to the queue named `routing_key`)
+    /// and waits for the confirm. Used by the consumer to move messages to
+    /// retry and dead-letter queues.
+    ///
+    /// A publish whose connection or channel is lost before the confirm is
+    /// sent again on a fresh channel (at-least-once) until
+    /// `publisher.confirm_timeout` has passed; a return or nack is final.
     pub async fn send(
         &self,
         exchange: &str,
@@ -229,7 +254,62 @@ impl Publisher {
             .window
             .acquire()
             .await
-            .map_err(|_| Error::Pool("publisher closed".into()))?;
+            .map_err(|_| Error::Pool("the publisher is closed".into()))?;
+        let event = properties
+            .kind()
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| routing_key.to_owned());
+        let deadline = Instant::now() + self.inner.confirm_timeout;
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let started = Instant::now();
+            let result = self
+                .send_once(exchange, routing_key, body, properties.clone(), deadline)
+                .await;
+            let outcome = match &result {
+                Ok(()) => PublishOutcome::Confirmed,
+                Err(Error::Unroutable { .. }) => PublishOutcome::Returned,
+                Err(Error::Nacked { .. }) => PublishOutcome::Nacked,
+                Err(_) => PublishOutcome::Failed,
+            };
+            match result {
+                Err(e @ (Error::Amqp { .. } | Error::Pool(_) | Error::Connect { .. }))
+                    if e.is_retryable() =>
+                {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                    if Instant::now() + delay >= deadline {
+                        self.inner
+                            .metrics
+                            .published(&event, PublishOutcome::Failed, None);
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?delay, "publish not confirmed; sending again");
+                    tokio::time::sleep(delay).await;
+                }
+                other => {
+                    let seconds = matches!(outcome, PublishOutcome::Confirmed)
+                        .then(|| started.elapsed().as_secs_f64());
+                    self.inner.metrics.published(&event, outcome, seconds);
+                    return other;
+                }
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Instant,
+    ) -> Result<()> {
         let exchange_name = short_string("exchange name", exchange)?;
         let key = short_string("routing key", routing_key)?;
         let confirm = {
@@ -257,7 +337,7 @@ impl Publisher {
                 })?
             // The channel goes back to the pool here; the confirm is awaited without it.
         };
-        let confirmation = tokio::time::timeout(self.inner.confirm_timeout, confirm)
+        let confirmation = tokio::time::timeout_at(deadline.into(), confirm)
             .await
             .map_err(|_| Error::ConfirmTimeout {
                 routing_key: routing_key.to_owned(),

@@ -327,7 +327,7 @@ fn classify_declare_error(kind: &'static str, name: &str, error: lapin::Error) -
     }
 }
 
-fn parse_inequivalent_arg(text: &str) -> Option<(String, String, String)> {
+pub(crate) fn parse_inequivalent_arg(text: &str) -> Option<(String, String, String)> {
     let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
     let argument = &rest[..rest.find('\'')?];
     let received = &rest[rest.find("received ")? + "received ".len()..];
