@@ -35,6 +35,9 @@ use crate::{
     wire::short_string,
 };
 
+/// Delivery limit of the dead-letter queue: effectively unlimited.
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
+
 /// A queue argument value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgValue {
@@ -146,6 +149,14 @@ impl Topology {
             "x-queue-type".into(),
             ArgValue::Str(settings.queue.kind.to_string()),
         );
+        if settings.queue.kind == QueueType::Quorum {
+            // Browsing dead letters (`burrow dlq list`) returns them to the
+            // queue, which counts as a delivery. RabbitMQ 4 gives quorum
+            // queues a delivery limit of 20 and drops a message past it when
+            // the queue has no dead-letter target, so the DLQ gets a limit no
+            // amount of browsing reaches. Valid on 3.x and 4.x alike.
+            dead_args.insert("x-delivery-limit".into(), ArgValue::Int(DEAD_LETTER_DELIVERY_LIMIT));
+        }
         queues.push(QueueSpec {
             name: dead_queue,
             role: QueueRole::Dead,
