@@ -193,9 +193,16 @@ impl Topology {
             .create_channel()
             .await
             .map_err(|e| Error::amqp("channel.open (topology)", e))?;
-        let result = self.declare_on(&channel).await;
+        let mut result = self.declare_on(&channel).await;
         if channel.status().connected() {
             let _ = channel.close(200, "topology declared".into()).await;
+        }
+        if let Err(Error::TopologyMismatch { kind: "queue", name, argument, .. }) = &result
+            && argument != "x-queue-type"
+            && let Some(spec) = self.queues.iter().find(|q| &q.name == name)
+            && let Some(type_error) = probe_queue_type(connection, spec).await
+        {
+            result = Err(type_error);
         }
         result
     }
@@ -277,6 +284,31 @@ impl Topology {
                 })?;
         }
         Ok(())
+    }
+}
+
+/// RabbitMQ checks queue arguments in a fixed order and reports the first
+/// difference, so a classic queue met by a quorum declaration is reported as
+/// an `x-dead-letter-exchange` mismatch, which no setting can fix. The real
+/// difference is the queue type: declare the queue again with only
+/// `x-queue-type` (on a fresh channel; the broker closed the other) and, when
+/// that is what differs, report it instead.
+async fn probe_queue_type(connection: &Connection, spec: &QueueSpec) -> Option<Error> {
+    let ArgValue::Str(declared_type) = spec.arguments.get("x-queue-type")? else {
+        return None;
+    };
+    let channel = connection.create_channel().await.ok()?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(declared_type.as_bytes().to_vec())));
+    let name = short_string("queue name", &spec.name).ok()?;
+    let probe = channel.queue_declare(name, QueueDeclareOptions::durable(), args).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "type probe".into()).await;
+    }
+    let error = classify_declare_error("queue", &spec.name, probe.err()?);
+    match &error {
+        Error::TopologyMismatch { argument, .. } if argument == "x-queue-type" => Some(error),
+        _ => None,
     }
 }
 

@@ -1,0 +1,170 @@
+//! The confirmed publisher: unroutable events are errors, not silent drops.
+
+mod common;
+
+use burrow::{Error, HandlerError, Registry, Topology};
+use common::*;
+
+/// Declares the app's topology (exchange, queues, a binding for
+/// `CardAddedToLibraryEvent`) without running a worker.
+async fn declare(settings: &burrow::Settings) {
+    let mut registry = Registry::new();
+    registry
+        .on("library.record_card", |_: CardAdded, _| async {
+            Ok::<_, HandlerError>(())
+        })
+        .unwrap();
+    let raw = Raw::connect().await;
+    within(
+        "topology declare",
+        Topology::for_app(settings, &registry).declare(&raw.conn),
+    )
+    .await
+    .expect("topology declares");
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_an_event_nobody_binds_is_unroutable() {
+    let settings = TestApp::new("unroutable").build();
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    declare(&settings).await;
+    let publisher = publisher(&settings).await;
+    let raw = Raw::connect().await;
+
+    let err = publisher
+        .publish(&NobodyListens::new())
+        .await
+        .expect_err("an event no queue is bound for must not be reported as published");
+    match &err {
+        Error::Unroutable {
+            exchange,
+            routing_key,
+            reply,
+        } => {
+            assert_eq!(exchange, &settings.amqp.exchange);
+            assert_eq!(routing_key, "NobodyListensEvent");
+            assert_eq!(reply, "NO_ROUTE");
+        }
+        other => panic!("expected Error::Unroutable, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    let text = err.to_string();
+    assert!(
+        text.contains("NobodyListensEvent") && text.contains(&settings.amqp.exchange),
+        "{text}"
+    );
+
+    // A bound event type on the same publisher still goes through, and
+    // lands in the app queue.
+    let event = CardAdded::new("Accelerando");
+    publisher
+        .publish(&event)
+        .await
+        .expect("a bound event is confirmed");
+    let delivered = raw.wait_get(&settings.app_queue()).await;
+    assert_eq!(
+        serde_json::from_slice::<CardAdded>(&delivered.data).unwrap(),
+        event
+    );
+    assert_eq!(delivered.routing_key.as_str(), "CardAddedToLibraryEvent");
+    assert_eq!(
+        delivered.properties.kind().as_ref().map(|s| s.as_str()),
+        Some("CardAddedToLibraryEvent")
+    );
+    assert_eq!(
+        delivered
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*delivered.properties.delivery_mode(), Some(2));
+
+    raw.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_reports_the_index_of_each_unroutable_event() {
+    let settings = TestApp::new("batch").build();
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    declare(&settings).await;
+    let publisher = publisher(&settings).await;
+    let raw = Raw::connect().await;
+
+    // `publish_batch` is generic over one event type, so every entry shares
+    // one routing key: a batch with an unroutable entry is a batch of them.
+    let err = publisher
+        .publish_batch(&[NobodyListens::new()])
+        .await
+        .expect_err("the unroutable entry fails the batch");
+    match &err {
+        Error::Batch { total, failed } => {
+            assert_eq!(*total, 1);
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].0, 0, "the failure names index 0");
+            assert!(
+                matches!(&failed[0].1, Error::Unroutable { routing_key, .. } if routing_key == "NobodyListensEvent"),
+                "{:?}",
+                failed[0].1
+            );
+        }
+        other => panic!("expected Error::Batch, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("1 of 1") && text.contains("index 0") && text.contains("NobodyListensEvent"),
+        "{text}"
+    );
+
+    let err = publisher
+        .publish_batch(&[
+            NobodyListens::new(),
+            NobodyListens::new(),
+            NobodyListens::new(),
+        ])
+        .await
+        .expect_err("every entry is unroutable");
+    match &err {
+        Error::Batch { total, failed } => {
+            assert_eq!(*total, 3);
+            let indices: Vec<usize> = failed.iter().map(|(i, _)| *i).collect();
+            assert_eq!(indices, vec![0, 1, 2]);
+            assert!(
+                failed
+                    .iter()
+                    .all(|(_, e)| matches!(e, Error::Unroutable { .. }))
+            );
+        }
+        other => panic!("expected Error::Batch, got {other:?}"),
+    }
+    assert!(
+        !err.is_retryable(),
+        "a batch of unroutable events is not retryable"
+    );
+
+    // A routable batch is confirmed in full.
+    let events = [
+        CardAdded::new("one"),
+        CardAdded::new("two"),
+        CardAdded::new("three"),
+    ];
+    publisher
+        .publish_batch(&events)
+        .await
+        .expect("a routable batch is confirmed");
+    let mut titles = Vec::new();
+    for _ in 0..3 {
+        let d = raw.wait_get(&settings.app_queue()).await;
+        titles.push(serde_json::from_slice::<CardAdded>(&d.data).unwrap().title);
+    }
+    titles.sort();
+    assert_eq!(titles, vec!["one", "three", "two"]);
+
+    raw.close().await;
+    publisher.close().await;
+}
