@@ -171,11 +171,10 @@ async fn execute(command: Command, app: App) -> Result<()> {
             correlation_id,
             message_id,
         } => {
-            let body: serde_json::Value =
-                serde_json::from_str(&json).map_err(|source| Error::Serialize {
-                    event_type: event_type.clone(),
-                    source,
-                })?;
+            let body: serde_json::Value = serde_json::from_str(&json).map_err(|e| Error::InvalidEvent {
+                event_type: event_type.clone(),
+                reason: format!("not valid JSON ({e})"),
+            })?;
             let meta = EventMeta {
                 correlation_id,
                 message_id,

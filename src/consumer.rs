@@ -367,8 +367,11 @@ impl Worker {
         if drained.is_err() {
             let abandoned = tasks.len();
             tasks.abort_all();
-            while tasks.join_next().await.is_some() {
-                self.metrics.delivery_settled();
+            while let Some(joined) = tasks.join_next().await {
+                // A cancelled task never reached its own `delivery_settled`.
+                if joined.is_err_and(|e| e.is_cancelled()) {
+                    self.metrics.delivery_settled();
+                }
             }
             report.abandoned += abandoned;
             warn!(

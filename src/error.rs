@@ -118,6 +118,15 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// An event given as JSON (by `burrow publish` or [`crate::Publisher::publish_json`]) is not a JSON object.
+    #[error("event '{event_type}' is not a JSON object: {reason}. Pass the event's fields as an object, e.g. '{{\"aggregateId\":\"card-1\"}}'")]
+    InvalidEvent {
+        /// The event type.
+        event_type: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A name does not fit AMQP's 255-byte short strings.
     #[error("{what} '{value}…' is {len} bytes long; AMQP allows at most 255")]
     NameTooLong {
@@ -180,6 +189,7 @@ impl Error {
             Error::TopologyRefused { .. } => false,
             Error::Unroutable { .. } => false,
             Error::Serialize { .. } => false,
+            Error::InvalidEvent { .. } => false,
             Error::NameTooLong { .. } => false,
             Error::Registry(_) => false,
             Error::Http(_) => false,

@@ -244,7 +244,8 @@ impl Pipeline {
         let mut runs = Vec::new();
         let mut selected = Vec::new();
         match &incoming.pending_handlers {
-            Some(names) => {
+            // An empty list (a replayed letter no handler had failed on) means all.
+            Some(names) if !names.is_empty() => {
                 for name in names {
                     match self.registry.get(name) {
                         Some(h) => selected.push(h.clone()),
@@ -256,7 +257,7 @@ impl Pipeline {
                     }
                 }
             }
-            None => selected.extend(self.registry.subscribed_to(&incoming.event_type).cloned()),
+            _ => selected.extend(self.registry.subscribed_to(&incoming.event_type).cloned()),
         }
         if selected.is_empty() && runs.is_empty() {
             let settlement = Settlement::Ignore {

@@ -217,11 +217,9 @@ impl Publisher {
         meta: EventMeta,
     ) -> Result<()> {
         if !body.is_object() {
-            return Err(Error::Serialize {
+            return Err(Error::InvalidEvent {
                 event_type: event_type.to_owned(),
-                source: serde::de::Error::custom(
-                    "the event body must be a JSON object, e.g. {\"aggregateId\":\"a-1\"}",
-                ),
+                reason: format!("got {}", json_kind(body)),
             });
         }
         let bytes = serde_json::to_vec(body).map_err(|source| Error::Serialize {
@@ -422,6 +420,17 @@ impl Publisher {
         if let Some(conn) = conn {
             let _ = conn.close(200, "publisher closed".into()).await;
         }
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
