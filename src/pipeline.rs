@@ -17,6 +17,7 @@ use std::{
 };
 
 use futures_util::FutureExt;
+use tracing::Instrument;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
@@ -287,6 +288,7 @@ impl Pipeline {
             let name = handler.name_arc();
             let start = handler.start(body, ctx);
             let timeout = self.handler_timeout;
+            let span = tracing::info_span!("handler", handler = %name);
             async move {
                 let begun = Instant::now();
                 let result = match start {
@@ -308,6 +310,7 @@ impl Pipeline {
                     duration: begun.elapsed(),
                 }
             }
+            .instrument(span)
         });
         let mut ran = futures_util::future::join_all(started).await;
         ran.append(&mut runs);
