@@ -94,17 +94,4 @@ mod tests {
         let err = index_collection(&SearchIndex::default(), event("  ")).await.unwrap_err();
         assert!(!err.is_retryable());
     }
-
-    #[test]
-    fn registers_without_name_clashes() {
-        let mut registry = Registry::new();
-        crate::handlers::register(&mut registry).unwrap();
-        assert_eq!(registry.len(), 3);
-        assert_eq!(
-            registry.binding_keys(),
-            vec!["CardAddedToLibraryEvent".to_string(), "CollectionCreatedEvent".to_string()]
-        );
-        // Registering the modules twice is caught at start.
-        assert!(crate::handlers::register(&mut registry).is_err());
-    }
 }

@@ -55,3 +55,28 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_registers_and_names_are_unique() {
+        let mut registry = Registry::new();
+        register(&mut registry).expect("handler modules register cleanly");
+        assert!(!registry.is_empty());
+        assert!(registry.binding_keys().contains(&"CardAddedToLibraryEvent".to_string()));
+        // Registering the same modules twice is caught at start, not at the first message.
+        assert!(register(&mut registry).is_err());
+    }
+
+    #[test]
+    fn every_sample_event_has_a_handler() {
+        let mut registry = Registry::new();
+        register(&mut registry).unwrap();
+        for (event_type, body) in samples() {
+            assert!(registry.subscribed_to(event_type).next().is_some(), "{event_type}");
+            assert!(body.is_object());
+        }
+    }
+}
