@@ -63,6 +63,11 @@ enum Command {
     /// Start a worker, publish sample events (one undecodable, one whose
     /// handler fails once), print what happened, clean up.
     Demo,
+    /// Inspect, replay and purge the app's dead letters (events_<app>.dead).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Probe the local /healthz endpoint (the container HEALTHCHECK); exit 0 when live.
     Healthcheck {
         /// Which endpoint: healthz (liveness) or readyz (readiness).
@@ -84,6 +89,45 @@ enum TopologyAction {
     Show,
     /// Declare it on the broker now.
     Apply,
+    /// Compare it with the broker without changing anything; exit 5 on drift.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// A table of dead letters: id, event, reason, handler, attempts, last error, age.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One dead letter's headers and body.
+    Show {
+        /// Its message id.
+        id: String,
+    },
+    /// Send dead letters back to this app's own queue (confirmed, then removed
+    /// from the dead-letter queue); only the handlers that failed run again.
+    Replay {
+        /// Only this event type (topic patterns allowed).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only letters this handler failed on, and rerun only it.
+        #[arg(long)]
+        handler: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Only letters dead-lettered longer ago than this, e.g. 7d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Parses the command line, runs the command and returns the exit code.
@@ -109,6 +153,8 @@ fn exit_code(error: &Error) -> u8 {
     match error {
         Error::Unroutable { .. } => 3,
         Error::Nacked { .. } | Error::ConfirmTimeout { .. } => 4,
+        Error::Drift(_) => 5,
+        Error::Usage(_) => 2,
         _ => 1,
     }
 }
@@ -120,7 +166,9 @@ async fn execute(command: Command, app: App) -> Result<()> {
     let filter = match command {
         Command::Run => settings.log.filter.clone(),
         Command::Demo => "error".to_owned(),
-        _ => "warn,lapin=error".to_owned(),
+        // lapin logs a channel closed by the broker as an error, even the
+        // expected NOT_FOUND of a passive declare; our own errors say more.
+        _ => "warn,lapin=off".to_owned(),
     };
     init_tracing(&settings, &filter);
     match command {
@@ -209,11 +257,74 @@ async fn execute(command: Command, app: App) -> Result<()> {
                     print!("{topology}");
                     println!("declared on {}", settings.amqp.url);
                 }
+                TopologyAction::Verify => {
+                    let conn = connection::connect(&settings.amqp.url, settings.amqp.heartbeat, "burrow topology verify").await?;
+                    let result = crate::verify::verify(&topology, &conn).await;
+                    let _ = conn.close(200, "done".into()).await;
+                    let drifts = result?;
+                    println!("(bindings are not visible over AMQP; compare them with `rabbitmqctl list_bindings`)");
+                    if !drifts.is_empty() {
+                        for drift in &drifts {
+                            println!("drift: {drift}");
+                        }
+                        return Err(Error::Drift(drifts.len()));
+                    }
+                    println!("exchange and {} queues match the broker", topology.queues.len());
+                }
             }
             Ok(())
         }
+        Command::Dlq { action } => dlq_command(&settings, action).await,
         Command::Demo => {
             crate::demo::run(settings, app.register, (app.samples)()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn dlq_command(settings: &Settings, action: DlqAction) -> Result<()> {
+    use crate::dlq;
+    let queue = settings.dead_letter_queue();
+    match action {
+        DlqAction::List { limit } => {
+            let total = dlq::count(settings).await?;
+            let letters = dlq::list(settings, limit).await?;
+            println!("{} of {total} dead letters in {queue}", letters.len());
+            print!("{}", dlq::render_table(&letters));
+            Ok(())
+        }
+        DlqAction::Show { id } => match dlq::show(settings, &id).await? {
+            Some(letter) => {
+                print!("{}", dlq::render_detail(&letter));
+                Ok(())
+            }
+            None => Err(Error::NotFound(format!(
+                "no dead letter with message id {id:?} in {queue}; `burrow dlq list` shows the ids"
+            ))),
+        },
+        DlqAction::Replay { event, handler, limit } => {
+            let publisher = Publisher::connect(settings).await?;
+            let filter = dlq::ReplayFilter { event, handler, limit };
+            let result = dlq::replay(settings, &publisher, &filter).await;
+            publisher.close().await;
+            let report = result?;
+            println!(
+                "replayed {} into {} (confirmed), left {} in {queue}",
+                report.replayed,
+                settings.app_queue(),
+                report.skipped
+            );
+            Ok(())
+        }
+        DlqAction::Purge { older_than, yes } => {
+            if !yes {
+                let total = dlq::count(settings).await?;
+                return Err(Error::Usage(format!(
+                    "purging deletes dead letters for good ({total} in {queue}); add --yes to confirm"
+                )));
+            }
+            let purged = dlq::purge(settings, older_than).await?;
+            println!("purged {purged} dead letters from {queue}");
             Ok(())
         }
     }

@@ -518,13 +518,19 @@ impl Shared {
             ..
         } = delivery;
         // The span's fields are filled once the metadata is read.
+        // Field names follow OpenTelemetry's messaging conventions where they exist.
         let span = info_span!(
             "delivery",
+            messaging.system = "rabbitmq",
+            messaging.operation = "process",
+            messaging.destination.name = %self.queue,
             event = tracing::field::Empty,
             message_id = tracing::field::Empty,
             correlation_id = tracing::field::Empty,
             attempt = tracing::field::Empty,
         );
+        #[cfg(feature = "otel")]
+        crate::otel::set_parent(&span, properties.headers().as_ref());
         async {
             let processed = self
                 .pipeline

@@ -9,18 +9,25 @@
 //! so one run never sees a letter twice — and then returned with
 //! `basic.nack(requeue)`. If the process dies instead, the broker returns
 //! them when the connection closes. Nothing is removed unless the operation
-//! says so, but every browse is a redelivery:
+//! says so, but every browse is a redelivery: the letter comes back with
+//! `redelivered` set and, on a quorum dead-letter queue, a higher
+//! `x-delivery-count`. Whether that can cost a letter depends on the broker:
 //!
-//! - the letter comes back with `redelivered` set, and on a quorum
-//!   dead-letter queue its delivery count (`x-delivery-count`) goes up by one;
-//! - on RabbitMQ 3.x the dead-letter queue has no delivery limit, so that is
-//!   harmless; on RabbitMQ 4.x quorum queues default to a delivery limit of
-//!   20 and *drop* a message past it when the queue has no dead-letter
-//!   target, which the dead-letter queue does not have. There the queue must
-//!   be declared with an explicit, large `x-delivery-limit` (see
-//!   [`crate::topology`]), or about 20 browses lose a letter;
-//! - while one operation holds letters, another (a second `list`, a purge)
-//!   does not see them, and `queue.purge` does not remove them.
+//! - RabbitMQ 3.x: returns count, but the dead-letter queue has no delivery
+//!   limit, so nothing happens.
+//! - RabbitMQ 4.0–4.2: every return counts against the quorum queue's
+//!   delivery limit, which defaults to 20, and a message past it is
+//!   *dropped* when the queue has no dead-letter target — the dead-letter
+//!   queue has none. About 20 browses would lose a letter unless the queue
+//!   is declared with an explicit, large `x-delivery-limit` (a topology
+//!   concern, see [`crate::topology`]; `-1` is not an option: 3.x reads it
+//!   as 0).
+//! - RabbitMQ 4.3+: `basic.nack(requeue)` no longer counts (which is why
+//!   browsing uses it rather than `basic.reject` or closing the channel),
+//!   but letters returned because the connection was lost still do.
+//!
+//! While one operation holds letters, another (a second `list`, a purge)
+//! does not see them, and `queue.purge` does not remove them.
 //!
 //! Each operation opens its own connection (named `burrow dlq (<app>)`) and
 //! closes it before returning.
@@ -39,8 +46,7 @@ use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
-        QueuePurgeOptions,
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueuePurgeOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -139,9 +145,9 @@ impl DeadLetter {
         let dead_at_ms = header_int(&headers, headers::DEAD_AT).or_else(|| {
             latest_death.and_then(|d| match d.inner().get("time") {
                 // AMQP timestamps are seconds.
-                Some(AMQPValue::Timestamp(secs)) => i64::try_from(*secs)
-                    .ok()
-                    .and_then(|s| s.checked_mul(1000)),
+                Some(AMQPValue::Timestamp(secs)) => {
+                    i64::try_from(*secs).ok().and_then(|s| s.checked_mul(1000))
+                }
                 _ => None,
             })
         });
@@ -343,6 +349,14 @@ pub async fn replay(
         Ok(())
     }
     .await;
+    if let Err(e) = &result {
+        tracing::warn!(
+            replayed = report.replayed,
+            skipped = report.skipped,
+            error = %e,
+            "dead-letter replay stopped at an error; the letters replayed so far stay replayed"
+        );
+    }
     session.finish(held, result).await?;
     Ok(report)
 }
@@ -370,7 +384,8 @@ pub async fn purge(settings: &Settings, older_than: Option<Duration>) -> Result<
         session.close().await;
         return result;
     };
-    let cutoff = wire::now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+    let cutoff =
+        wire::now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
     let mut held = Held::default();
     let result = async {
         let total = session.count().await?;
@@ -452,7 +467,15 @@ pub fn render_table(letters: &[DeadLetter]) -> String {
         return "no dead letters\n".into();
     }
     let now = wire::now_ms();
-    let header = ["ID", "EVENT", "REASON", "HANDLER", "ATTEMPTS", "LAST ERROR", "AGE"];
+    let header = [
+        "ID",
+        "EVENT",
+        "REASON",
+        "HANDLER",
+        "ATTEMPTS",
+        "LAST ERROR",
+        "AGE",
+    ];
     let rows: Vec<[String; 7]> = letters
         .iter()
         .map(|l| {
@@ -468,7 +491,10 @@ pub fn render_table(letters: &[DeadLetter]) -> String {
                 or_dash(l.reason.as_deref().unwrap_or("")),
                 handler,
                 l.attempts.map_or("-".into(), |n| n.to_string()),
-                or_dash(&one_line(l.last_error.as_deref().unwrap_or(""), TABLE_ERROR_WIDTH)),
+                or_dash(&one_line(
+                    l.last_error.as_deref().unwrap_or(""),
+                    TABLE_ERROR_WIDTH,
+                )),
                 l.age(now).map_or("-".into(), format_age),
             ]
         })
@@ -535,7 +561,9 @@ pub fn render_detail(letter: &DeadLetter) -> String {
     );
     field(
         "dead at",
-        letter.dead_at_ms.map_or("-".into(), |ms| format_time(ms, now)),
+        letter
+            .dead_at_ms
+            .map_or("-".into(), |ms| format_time(ms, now)),
     );
     field("routing key", letter.routing_key.clone());
     match letter.last_error.as_deref() {
@@ -566,7 +594,8 @@ pub fn render_detail(letter: &DeadLetter) -> String {
     prop("message_id", s(p.message_id()));
     prop(
         "timestamp",
-        p.timestamp().map(|t| render_value(&AMQPValue::Timestamp(t))),
+        p.timestamp()
+            .map(|t| render_value(&AMQPValue::Timestamp(t))),
     );
     prop("type", s(p.kind()));
     prop("user_id", s(p.user_id()));
@@ -599,7 +628,7 @@ pub fn render_detail(letter: &DeadLetter) -> String {
                     out,
                     "body ({len} bytes, not JSON and not UTF-8; lossy text below; first {} bytes as hex: {hex}):\n{}",
                     shown.len(),
-                    String::from_utf8_lossy(&letter.body)
+                    printable(&String::from_utf8_lossy(&letter.body))
                 );
             }
         },
@@ -607,8 +636,25 @@ pub fn render_detail(letter: &DeadLetter) -> String {
     out
 }
 
+/// `text` with control characters other than line breaks and tabs shown as `.`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '.'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 fn or_dash(s: &str) -> String {
-    if s.is_empty() { "-".into() } else { s.to_owned() }
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// `text` on one line (line breaks become `; `), cut to `max` characters.
@@ -915,7 +961,10 @@ mod tests {
 
     fn burrow_letter() -> DeadLetter {
         let headers = table(vec![
-            (headers::EVENT_TYPE, wire::long_string("CardAddedToLibraryEvent")),
+            (
+                headers::EVENT_TYPE,
+                wire::long_string("CardAddedToLibraryEvent"),
+            ),
             (headers::DEAD_REASON, wire::long_string("permanent")),
             (headers::FAILED_HANDLER, wire::long_string("library.attach")),
             (
@@ -923,9 +972,15 @@ mod tests {
                 wire::string_array(&["library.attach".into(), "search.index".into()]),
             ),
             (headers::ATTEMPT, AMQPValue::LongLongInt(3)),
-            (headers::LAST_ERROR, wire::long_string("library.attach: gone\nsearch.index: no")),
+            (
+                headers::LAST_ERROR,
+                wire::long_string("library.attach: gone\nsearch.index: no"),
+            ),
             (headers::DEAD_AT, AMQPValue::LongLongInt(1_700_000_000_000)),
-            (headers::FIRST_FAILURE_AT, AMQPValue::LongLongInt(1_699_999_000_000)),
+            (
+                headers::FIRST_FAILURE_AT,
+                AMQPValue::LongLongInt(1_699_999_000_000),
+            ),
             (headers::REPLAYS, AMQPValue::LongLongInt(2)),
             (headers::EVENT_VERSION, AMQPValue::LongLongInt(1)),
             (X_DELIVERY_COUNT, AMQPValue::LongLongInt(4)),
@@ -1029,7 +1084,10 @@ mod tests {
             Some("CardAddedToLibraryEvent")
         );
         assert_eq!(header_int(&h, headers::EVENT_VERSION), Some(1));
-        assert_eq!(header_int(&h, headers::FIRST_FAILURE_AT), Some(1_699_999_000_000));
+        assert_eq!(
+            header_int(&h, headers::FIRST_FAILURE_AT),
+            Some(1_699_999_000_000)
+        );
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "m-1");
         assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "c-1");
         assert_eq!(*p.delivery_mode(), Some(2));
@@ -1084,13 +1142,19 @@ mod tests {
 
         let detail = render_detail(&l);
         assert!(detail.contains("\"aggregateId\": \"a-1\""), "{detail}");
-        assert!(detail.contains("burrow-dead-reason = \"permanent\""), "{detail}");
+        assert!(
+            detail.contains("burrow-dead-reason = \"permanent\""),
+            "{detail}"
+        );
         assert!(detail.contains("2023-11-14T22:13:20.000Z"), "{detail}");
         assert!(detail.contains("  search.index: no"), "{detail}");
 
         let binary = DeadLetter::read("q", BasicProperties::default(), vec![0xff, 0x00, 0x41]);
         let detail = render_detail(&binary);
-        assert!(detail.contains("not UTF-8") && detail.contains("ff0041"), "{detail}");
+        assert!(
+            detail.contains("not UTF-8") && detail.contains("ff0041"),
+            "{detail}"
+        );
     }
 
     #[test]
@@ -1099,7 +1163,10 @@ mod tests {
         let cut = one_line(&long, 60);
         assert_eq!(cut.chars().count(), 60);
         assert!(cut.ends_with('…') && !cut.contains('\n'));
-        assert_eq!(format_age(Duration::from_secs(3 * 86_400 + 3700)), "3days 1h");
+        assert_eq!(
+            format_age(Duration::from_secs(3 * 86_400 + 3700)),
+            "3days 1h"
+        );
         assert_eq!(format_age(Duration::from_secs(3725)), "1h 2m");
         assert_eq!(format_age(Duration::from_secs(62)), "1m 2s");
     }

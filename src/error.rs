@@ -155,6 +155,19 @@ pub enum Error {
     #[error("publisher pool: {0}")]
     Pool(String),
 
+    /// `burrow topology verify` found differences between the declared
+    /// topology and the broker (printed before this error).
+    #[error("{0} difference(s) between the declared topology and the broker; run `burrow topology apply` or migrate (docs/operations.md)")]
+    Drift(usize),
+
+    /// A command was called in a way it refuses (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+
+    /// A thing asked for by name does not exist.
+    #[error("{0}")]
+    NotFound(String),
+
     /// The health and metrics endpoint failed, or a probe of it did.
     #[error("HTTP endpoint: {0}")]
     Http(String),
@@ -193,6 +206,9 @@ impl Error {
             Error::NameTooLong { .. } => false,
             Error::Registry(_) => false,
             Error::Http(_) => false,
+            Error::Drift(_) => false,
+            Error::NotFound(_) => false,
+            Error::Usage(_) => false,
         }
     }
 

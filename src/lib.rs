@@ -35,11 +35,14 @@
 //! | [`handler`] | the [`Handler`] trait, closures, the [`Registry`] |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics |
+//! | `otel` | W3C trace context through message headers (feature `otel`) |
 //! | [`pipeline`] | delivery → [`Settlement`], no I/O |
 //! | [`consumer`] | the [`Worker`] loop and settlement |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
 //! | [`cli`] | the `burrow` command line |
 //! | [`demo`] | `burrow demo` |
+//! | [`dlq`] | the dead-letter queue: list, show, replay, purge |
+//! | [`verify`] | comparing the declared topology with the broker |
 //!
 //! # A worker in a few lines
 //!
@@ -78,16 +81,20 @@ pub mod config;
 pub mod connection;
 pub mod consumer;
 pub mod demo;
+pub mod dlq;
 pub mod error;
 pub mod event;
 pub mod handler;
 pub mod http;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod pipeline;
 pub mod publisher;
 pub mod retry;
 pub mod topic;
 pub mod topology;
+pub mod verify;
 pub mod wire;
 
 pub use config::Settings;

@@ -384,6 +384,8 @@ impl Publisher {
         if let Some(causation) = &meta.causation_id {
             table.insert(headers::CAUSATION_ID.into(), long_string(causation));
         }
+        #[cfg(feature = "otel")]
+        crate::otel::inject(&mut table);
         Ok(BasicProperties::default()
             .with_message_id(short_string("message id", &message_id)?)
             .with_correlation_id(short_string("correlation id", &correlation_id)?)

@@ -78,6 +78,21 @@ pub struct QueueSpec {
     pub arguments: BTreeMap<String, ArgValue>,
 }
 
+impl QueueSpec {
+    /// The arguments as the AMQP table a `queue.declare` carries.
+    pub fn argument_table(&self) -> Result<FieldTable> {
+        let mut table = FieldTable::default();
+        for (k, v) in &self.arguments {
+            let value = match v {
+                ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+                ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+            };
+            table.insert(short_string("queue argument", k)?, value);
+        }
+        Ok(table)
+    }
+}
+
 /// A binding of the app queue to the exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindingSpec {
@@ -243,21 +258,11 @@ impl Topology {
     async fn declare_on(&self, channel: &Channel) -> Result<()> {
         declare_exchange_on(channel, &self.exchange).await?;
         for queue in &self.queues {
-            let mut args = FieldTable::default();
-            for (k, v) in &queue.arguments {
-                let value = match v {
-                    ArgValue::Str(s) => {
-                        AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-                    }
-                    ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
-                };
-                args.insert(short_string("queue argument", k)?, value);
-            }
             channel
                 .queue_declare(
                     short_string("queue name", &queue.name)?,
                     QueueDeclareOptions::durable(),
-                    args,
+                    queue.argument_table()?,
                 )
                 .await
                 .map_err(|e| classify_declare_error("queue", &queue.name, e))?;
@@ -293,7 +298,7 @@ impl Topology {
 /// difference is the queue type: declare the queue again with only
 /// `x-queue-type` (on a fresh channel; the broker closed the other) and, when
 /// that is what differs, report it instead.
-async fn probe_queue_type(connection: &Connection, spec: &QueueSpec) -> Option<Error> {
+pub(crate) async fn probe_queue_type(connection: &Connection, spec: &QueueSpec) -> Option<Error> {
     let ArgValue::Str(declared_type) = spec.arguments.get("x-queue-type")? else {
         return None;
     };
