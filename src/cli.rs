@@ -219,10 +219,11 @@ async fn execute(command: Command, app: App) -> Result<()> {
             correlation_id,
             message_id,
         } => {
-            let body: serde_json::Value = serde_json::from_str(&json).map_err(|e| Error::InvalidEvent {
-                event_type: event_type.clone(),
-                reason: format!("not valid JSON ({e})"),
-            })?;
+            let body: serde_json::Value =
+                serde_json::from_str(&json).map_err(|e| Error::InvalidEvent {
+                    event_type: event_type.clone(),
+                    reason: format!("not valid JSON ({e})"),
+                })?;
             let meta = EventMeta {
                 correlation_id,
                 message_id,
@@ -245,12 +246,7 @@ async fn execute(command: Command, app: App) -> Result<()> {
             match action.unwrap_or(TopologyAction::Show) {
                 TopologyAction::Show => print!("{topology}"),
                 TopologyAction::Apply => {
-                    let conn = connection::connect(
-                        &settings.amqp.url,
-                        settings.amqp.heartbeat,
-                        "burrow topology",
-                    )
-                    .await?;
+                    let conn = connection::open(&settings.amqp, "burrow topology").await?;
                     let result = topology.declare(&conn).await;
                     let _ = conn.close(200, "done".into()).await;
                     result?;
@@ -258,18 +254,23 @@ async fn execute(command: Command, app: App) -> Result<()> {
                     println!("declared on {}", settings.amqp.url);
                 }
                 TopologyAction::Verify => {
-                    let conn = connection::connect(&settings.amqp.url, settings.amqp.heartbeat, "burrow topology verify").await?;
+                    let conn = connection::open(&settings.amqp, "burrow topology verify").await?;
                     let result = crate::verify::verify(&topology, &conn).await;
                     let _ = conn.close(200, "done".into()).await;
                     let drifts = result?;
-                    println!("(bindings are not visible over AMQP; compare them with `rabbitmqctl list_bindings`)");
+                    println!(
+                        "(bindings are not visible over AMQP; compare them with `rabbitmqctl list_bindings`)"
+                    );
                     if !drifts.is_empty() {
                         for drift in &drifts {
                             println!("drift: {drift}");
                         }
                         return Err(Error::Drift(drifts.len()));
                     }
-                    println!("exchange and {} queues match the broker", topology.queues.len());
+                    println!(
+                        "exchange and {} queues match the broker",
+                        topology.queues.len()
+                    );
                 }
             }
             Ok(())
@@ -302,9 +303,17 @@ async fn dlq_command(settings: &Settings, action: DlqAction) -> Result<()> {
                 "no dead letter with message id {id:?} in {queue}; `burrow dlq list` shows the ids"
             ))),
         },
-        DlqAction::Replay { event, handler, limit } => {
+        DlqAction::Replay {
+            event,
+            handler,
+            limit,
+        } => {
             let publisher = Publisher::connect(settings).await?;
-            let filter = dlq::ReplayFilter { event, handler, limit };
+            let filter = dlq::ReplayFilter {
+                event,
+                handler,
+                limit,
+            };
             let result = dlq::replay(settings, &publisher, &filter).await;
             publisher.close().await;
             let report = result?;
@@ -419,13 +428,9 @@ async fn idle_monitor(
 /// Ready messages in the app queue (passive declare), or `None` if unknown.
 async fn ready_messages(settings: &Settings, conn: &mut Option<lapin::Connection>) -> Option<u32> {
     if conn.as_ref().is_none_or(|c| !c.status().connected()) {
-        *conn = connection::connect(
-            &settings.amqp.url,
-            settings.amqp.heartbeat,
-            "burrow drain monitor",
-        )
-        .await
-        .ok();
+        *conn = connection::open(&settings.amqp, "burrow drain monitor")
+            .await
+            .ok();
     }
     let channel = conn.as_ref()?.create_channel().await.ok()?;
     let queue = channel

@@ -59,6 +59,8 @@ pub struct AmqpSettings {
     pub exchange: String,
     /// Heartbeat interval in seconds asked of the broker (0 disables).
     pub heartbeat: u16,
+    /// TLS for `amqps://` URLs.
+    pub tls: TlsSettings,
 }
 
 impl Default for AmqpSettings {
@@ -67,7 +69,46 @@ impl Default for AmqpSettings {
             url: AmqpUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             exchange: "domain_events".into(),
             heartbeat: 30,
+            tls: TlsSettings::default(),
         }
+    }
+}
+
+/// `[amqp.tls]`: certificates for `amqps://`. The server certificate is
+/// always verified: against `ca_file` when set, else the system's roots.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that require one (with `client_key_file`).
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// PEM PKCS#8 private key of the client certificate.
+    pub client_key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsSettings {
+    fn validate(&self) -> Result<()> {
+        for (key, path) in [
+            ("amqp.tls.ca_file", &self.ca_file),
+            ("amqp.tls.client_cert_file", &self.client_cert_file),
+            ("amqp.tls.client_key_file", &self.client_key_file),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(Error::Config(format!(
+                    "{key} = {} is not a readable file; point it at a PEM file",
+                    path.display()
+                )));
+            }
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err(Error::Config(
+                "amqp.tls.client_cert_file and amqp.tls.client_key_file go together; set both or neither".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -324,6 +365,7 @@ impl Settings {
             );
         }
         self.amqp.url.validate()?;
+        self.amqp.tls.validate()?;
         if self.consumer.prefetch == 0 {
             return bad(
                 "consumer.prefetch",

@@ -240,9 +240,8 @@ impl Worker {
             error,
             consumed: false,
         };
-        let conn = match connection::connect(
-            &settings.amqp.url,
-            settings.amqp.heartbeat,
+        let conn = match connection::open(
+            &settings.amqp,
             &format!("burrow consumer ({})", settings.app.name),
         )
         .await

@@ -184,12 +184,7 @@ pub async fn run(
 
     let stopped = worker.shutdown().await;
     let cleanup = async {
-        let conn = connection::connect(
-            &settings.amqp.url,
-            settings.amqp.heartbeat,
-            "burrow demo cleanup",
-        )
-        .await?;
+        let conn = connection::open(&settings.amqp, "burrow demo cleanup").await?;
         topology.delete_queues(&conn).await?;
         let _ = conn.close(200, "demo done".into()).await;
         Ok::<_, Error>(())

@@ -846,9 +846,8 @@ impl Held {
 
 impl Session {
     async fn open(settings: &Settings) -> Result<Self> {
-        let conn = connection::connect(
-            &settings.amqp.url,
-            settings.amqp.heartbeat,
+        let conn = connection::open(
+            &settings.amqp,
             &format!("burrow dlq ({})", settings.app.name),
         )
         .await?;

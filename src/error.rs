@@ -119,7 +119,9 @@ pub enum Error {
     },
 
     /// An event given as JSON (by `burrow publish` or [`crate::Publisher::publish_json`]) is not a JSON object.
-    #[error("event '{event_type}' is not a JSON object: {reason}. Pass the event's fields as an object, e.g. '{{\"aggregateId\":\"card-1\"}}'")]
+    #[error(
+        "event '{event_type}' is not a JSON object: {reason}. Pass the event's fields as an object, e.g. '{{\"aggregateId\":\"card-1\"}}'"
+    )]
     InvalidEvent {
         /// The event type.
         event_type: String,
@@ -157,7 +159,9 @@ pub enum Error {
 
     /// `burrow topology verify` found differences between the declared
     /// topology and the broker (printed before this error).
-    #[error("{0} difference(s) between the declared topology and the broker; run `burrow topology apply` or migrate (docs/operations.md)")]
+    #[error(
+        "{0} difference(s) between the declared topology and the broker; run `burrow topology apply` or migrate (docs/operations.md)"
+    )]
     Drift(usize),
 
     /// A command was called in a way it refuses (exit code 2).

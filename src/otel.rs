@@ -15,7 +15,9 @@ use crate::wire::long_string;
 
 /// Sets the global propagator to W3C trace context.
 pub fn install_propagator() {
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
 }
 
 struct HeaderInjector<'a>(&'a mut FieldTable);
@@ -47,13 +49,17 @@ impl Extractor for HeaderExtractor<'_> {
 /// Writes the current span's trace context into `headers`.
 pub(crate) fn inject(headers: &mut FieldTable) {
     let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers))
+    });
 }
 
 /// Makes `span` a child of the trace context found in `headers`, if any.
 pub(crate) fn set_parent(span: &tracing::Span, headers: Option<&FieldTable>) {
     if let Some(headers) = headers {
-        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+        let cx = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(headers))
+        });
         let _ = span.set_parent(cx);
     }
 }
@@ -68,14 +74,18 @@ mod tests {
     fn a_trace_survives_the_headers() {
         install_propagator();
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber =
-            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, || {
             let publish = tracing::info_span!("publish");
             let mut headers = FieldTable::default();
             let sent = publish.in_scope(|| {
                 inject(&mut headers);
-                tracing::Span::current().context().span().span_context().trace_id()
+                tracing::Span::current()
+                    .context()
+                    .span()
+                    .span_context()
+                    .trace_id()
             });
             let extractor = HeaderExtractor(&headers);
             let traceparent = extractor.get("traceparent").expect("traceparent header");

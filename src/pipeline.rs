@@ -17,9 +17,9 @@ use std::{
 };
 
 use futures_util::FutureExt;
-use tracing::Instrument;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     handler::{Context, Failure, Registry},

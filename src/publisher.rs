@@ -31,7 +31,7 @@ use lapin::{
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::{
-    config::{AmqpUrl, Settings},
+    config::{AmqpSettings, Settings},
     connection,
     error::{Error, Result},
     event::{DomainEvent, EventMeta},
@@ -87,8 +87,7 @@ impl std::fmt::Debug for Publisher {
 /// Hands out confirm-mode channels on the publisher's own connection,
 /// reconnecting when the connection is gone.
 struct ChannelManager {
-    url: AmqpUrl,
-    heartbeat: u16,
+    amqp: AmqpSettings,
     name: String,
     connection: Mutex<Option<Arc<Connection>>>,
 }
@@ -101,7 +100,7 @@ impl ChannelManager {
         {
             return Ok(conn.clone());
         }
-        let conn = Arc::new(connection::connect(&self.url, self.heartbeat, &self.name).await?);
+        let conn = Arc::new(connection::open(&self.amqp, &self.name).await?);
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -146,8 +145,7 @@ impl Publisher {
     /// connection is lost, recording into `metrics`.
     pub fn new(settings: &Settings, metrics: Metrics) -> Result<Self> {
         let manager = ChannelManager {
-            url: settings.amqp.url.clone(),
-            heartbeat: settings.amqp.heartbeat,
+            amqp: settings.amqp.clone(),
             name: format!("burrow publisher ({})", settings.app.name),
             connection: Mutex::new(None),
         };

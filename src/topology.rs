@@ -170,7 +170,10 @@ impl Topology {
             // queues a delivery limit of 20 and drops a message past it when
             // the queue has no dead-letter target, so the DLQ gets a limit no
             // amount of browsing reaches. Valid on 3.x and 4.x alike.
-            dead_args.insert("x-delivery-limit".into(), ArgValue::Int(DEAD_LETTER_DELIVERY_LIMIT));
+            dead_args.insert(
+                "x-delivery-limit".into(),
+                ArgValue::Int(DEAD_LETTER_DELIVERY_LIMIT),
+            );
         }
         queues.push(QueueSpec {
             name: dead_queue,
@@ -212,7 +215,12 @@ impl Topology {
         if channel.status().connected() {
             let _ = channel.close(200, "topology declared".into()).await;
         }
-        if let Err(Error::TopologyMismatch { kind: "queue", name, argument, .. }) = &result
+        if let Err(Error::TopologyMismatch {
+            kind: "queue",
+            name,
+            argument,
+            ..
+        }) = &result
             && argument != "x-queue-type"
             && let Some(spec) = self.queues.iter().find(|q| &q.name == name)
             && let Some(type_error) = probe_queue_type(connection, spec).await
@@ -304,9 +312,14 @@ pub(crate) async fn probe_queue_type(connection: &Connection, spec: &QueueSpec) 
     };
     let channel = connection.create_channel().await.ok()?;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(declared_type.as_bytes().to_vec())));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(declared_type.as_bytes().to_vec())),
+    );
     let name = short_string("queue name", &spec.name).ok()?;
-    let probe = channel.queue_declare(name, QueueDeclareOptions::durable(), args).await;
+    let probe = channel
+        .queue_declare(name, QueueDeclareOptions::durable(), args)
+        .await;
     if channel.status().connected() {
         let _ = channel.close(200, "type probe".into()).await;
     }
