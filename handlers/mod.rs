@@ -65,7 +65,11 @@ mod tests {
         let mut registry = Registry::new();
         register(&mut registry).expect("handler modules register cleanly");
         assert!(!registry.is_empty());
-        assert!(registry.binding_keys().contains(&"CardAddedToLibraryEvent".to_string()));
+        assert!(
+            registry
+                .binding_keys()
+                .contains(&"CardAddedToLibraryEvent".to_string())
+        );
         // Registering the same modules twice is caught at start, not at the first message.
         assert!(register(&mut registry).is_err());
     }
@@ -75,7 +79,10 @@ mod tests {
         let mut registry = Registry::new();
         register(&mut registry).unwrap();
         for (event_type, body) in samples() {
-            assert!(registry.subscribed_to(event_type).next().is_some(), "{event_type}");
+            assert!(
+                registry.subscribed_to(event_type).next().is_some(),
+                "{event_type}"
+            );
             assert!(body.is_object());
         }
     }
