@@ -6,7 +6,7 @@ export AMQP_URL
 # Lock dependencies to Cargo.lock whenever it exists.
 LOCKED := $(if $(wildcard Cargo.lock),--locked,)
 
-.PHONY: help broker demo test lint containers-lint run
+.PHONY: help broker demo test lint containers-lint run fuzz
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -30,3 +30,6 @@ containers-lint: ## lint the Dockerfile and docker-compose.yml
 
 run: broker ## run the worker in the foreground
 	$(CARGO) run --release -- run
+
+fuzz: ## fuzz the decode and header path (FUZZ_SECONDS, default 60)
+	bash scripts/fuzz.sh
