@@ -33,3 +33,7 @@ run: broker ## run the worker in the foreground
 
 fuzz: ## fuzz the decode and header path (FUZZ_SECONDS, default 60)
 	bash scripts/fuzz.sh
+
+.PHONY: bench
+bench: broker ## benchmark burrow against a hand-written lapin loop (N=20000 make bench for a quick run)
+	bash scripts/bench.sh

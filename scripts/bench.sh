@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make bench`: the end-to-end benchmark against the broker (burrow vs a
+# hand-written lapin loop, see examples/bench_e2e.rs), then the criterion
+# micro-benchmarks of the consumer's hot path (benches/pipeline.rs).
+#
+# Environment (all optional; see examples/bench_e2e.rs for the full list):
+#   AMQP_URL   broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
+#   N          events per run (default 100000; N=20000 for a quick run)
+#   ROUNDS     rounds of A B alternation (default 3)
+#   KINDS      queue kinds (default classic,quorum)
+#   SCENARIOS  pipeline,split,latency,idle,failure (default: all of them)
+#   SOAK_N     events of the optional soak (default 0: off; e.g. 1000000)
+#   SKIP_E2E=1 / SKIP_MICRO=1   run only one of the two parts
+#
+# The report goes to stdout and to target/bench_e2e/report-<time>.md; the
+# raw per-run figures to target/bench_e2e/results.json. The benchmark makes
+# no timing assertions: it reports.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+CARGO="${CARGO:-cargo}"
+LOCKED=()
+[[ -f Cargo.lock ]] && LOCKED=(--locked)
+
+out_dir=target/bench_e2e
+mkdir -p "$out_dir"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+report="$out_dir/report-$stamp.md"
+
+if [[ "${SKIP_E2E:-0}" != 1 ]]; then
+  echo "==> end-to-end: N=${N:-100000} ROUNDS=${ROUNDS:-3} KINDS=${KINDS:-classic,quorum}" >&2
+  "$CARGO" build "${LOCKED[@]}" --release --example bench_e2e
+  # The binary runs each measured side as a child process of its own.
+  "$CARGO" run "${LOCKED[@]}" --quiet --release --example bench_e2e | tee "$report"
+  echo "report: $report" >&2
+fi
+
+if [[ "${SKIP_MICRO:-0}" != 1 ]]; then
+  echo "==> micro-benchmarks: cargo bench --bench pipeline" >&2
+  "$CARGO" bench "${LOCKED[@]}" --bench pipeline
+fi
