@@ -17,13 +17,14 @@ broker: ## make sure a RabbitMQ broker answers on AMQP_URL
 demo: broker ## run the end-to-end demo against the broker
 	$(CARGO) run --quiet --release -- demo
 
-test: broker ## run every test target, then the doc tests
-	$(CARGO) test $(LOCKED) --all-targets
-	$(CARGO) test $(LOCKED) --doc
+test: broker ## run every test target with every feature, then the doc tests
+	$(CARGO) test $(LOCKED) --all-features --all-targets
+	$(CARGO) test $(LOCKED) --all-features --doc
 
 lint: ## check formatting and clippy warnings
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
 containers-lint: ## lint the Dockerfile and docker-compose.yml
 	bash scripts/lint-containers.sh
