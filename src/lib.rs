@@ -1,3 +1,4 @@
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 //! burrow: guaranteed-delivery domain events on RabbitMQ.
 //!
 //! Services publish domain events (`CardAddedToLibraryEvent`, ...) to a
