@@ -10,6 +10,9 @@
 
 #![allow(dead_code)]
 
+pub mod node;
+pub mod proxy;
+
 use std::{future::Future, time::Duration};
 
 use burrow::{
