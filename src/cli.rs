@@ -68,6 +68,13 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// The transactional outbox on PostgreSQL (postgres.url): run the relay,
+    /// audit an aggregate's events, show the backlog, migrate, clean up.
+    #[cfg(feature = "postgres")]
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
     /// Probe the local /healthz endpoint (the container HEALTHCHECK); exit 0 when live.
     Healthcheck {
         /// Which endpoint: healthz (liveness) or readyz (readiness).
@@ -91,6 +98,28 @@ enum TopologyAction {
     Apply,
     /// Compare it with the broker without changing anything; exit 5 on drift.
     Verify,
+}
+
+#[cfg(feature = "postgres")]
+#[derive(Debug, Subcommand)]
+enum OutboxAction {
+    /// Publish committed outbox events until SIGTERM/SIGINT (serves /metrics on http.addr).
+    Relay,
+    /// Every outbox event of one aggregate, in order, with its publish status.
+    Audit {
+        /// The aggregate id, e.g. card-1.
+        aggregate_id: String,
+    },
+    /// Pending and failing events and the age of the oldest pending one.
+    Status,
+    /// Apply burrow's migrations (event_outbox, event_inbox) to postgres.url.
+    Migrate,
+    /// Delete published events older than outbox.retention (or --older-than).
+    Cleanup {
+        /// Override outbox.retention, e.g. 30d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +194,10 @@ async fn execute(command: Command, app: App) -> Result<()> {
     // results and log only problems (the demo only errors: it narrates).
     let filter = match command {
         Command::Run => settings.log.filter.clone(),
+        #[cfg(feature = "postgres")]
+        Command::Outbox {
+            action: OutboxAction::Relay,
+        } => settings.log.filter.clone(),
         Command::Demo => "error".to_owned(),
         // lapin logs a channel closed by the broker as an error, even the
         // expected NOT_FOUND of a passive declare; our own errors say more.
@@ -175,8 +208,15 @@ async fn execute(command: Command, app: App) -> Result<()> {
         Command::Run => {
             let mut registry = Registry::new();
             (app.register)(&mut registry)?;
-            let worker = Worker::new(settings, registry)?;
-            run_with_http(worker, shutdown_signal()).await
+            let worker = Worker::new(settings.clone(), registry)?;
+            #[cfg(feature = "postgres")]
+            let relay = outbox::start_beside_worker(&settings, worker.metrics()).await?;
+            let result = run_with_http(worker, shutdown_signal()).await;
+            #[cfg(feature = "postgres")]
+            if let Some(relay) = relay {
+                relay.stop().await;
+            }
+            result
         }
         Command::Drain { idle } => {
             let mut registry = Registry::new();
@@ -276,9 +316,176 @@ async fn execute(command: Command, app: App) -> Result<()> {
             Ok(())
         }
         Command::Dlq { action } => dlq_command(&settings, action).await,
+        #[cfg(feature = "postgres")]
+        Command::Outbox { action } => outbox::command(&settings, action).await,
         Command::Demo => {
             crate::demo::run(settings, app.register, (app.samples)()).await?;
             Ok(())
+        }
+    }
+}
+
+/// `burrow outbox ...` and the relay inside `burrow run`.
+#[cfg(feature = "postgres")]
+mod outbox {
+    use tokio_util::sync::CancellationToken;
+
+    use super::{OutboxAction, shutdown_signal};
+    use crate::{Error, Metrics, Publisher, Result, Settings, outbox};
+
+    /// Connects to postgres.url and, with postgres.migrate, applies the migrations.
+    async fn database(settings: &Settings, migrate: bool) -> Result<sqlx::PgPool> {
+        let pool = outbox::connect(&settings.postgres).await?;
+        if migrate {
+            outbox::prepare(&pool, &settings.postgres).await?;
+        }
+        Ok(pool)
+    }
+
+    /// The relay running beside the worker in `burrow run`.
+    pub(super) struct BesideWorker {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<()>>,
+        publisher: Publisher,
+    }
+
+    impl BesideWorker {
+        /// Lets the batch in progress finish, then closes the publisher.
+        pub(super) async fn stop(self) {
+            self.stop.cancel();
+            match self.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "outbox relay stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "outbox relay task failed"),
+            }
+            self.publisher.close().await;
+        }
+    }
+
+    /// With postgres.url set: migrate (postgres.migrate), so handlers can use
+    /// the inbox; with outbox.enabled too: start the relay, recording into
+    /// the worker's metrics.
+    pub(super) async fn start_beside_worker(
+        settings: &Settings,
+        metrics: &Metrics,
+    ) -> Result<Option<BesideWorker>> {
+        if settings.postgres.url.is_none() {
+            return Ok(None);
+        }
+        let pool = database(settings, settings.postgres.migrate).await?;
+        if !settings.outbox.enabled {
+            return Ok(None);
+        }
+        let publisher = Publisher::new(settings, metrics.clone())?;
+        let relay = outbox::Relay::new(pool, publisher.clone(), settings);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop.cancelled_owned()).await }
+        });
+        Ok(Some(BesideWorker {
+            stop,
+            task,
+            publisher,
+        }))
+    }
+
+    pub(super) async fn command(settings: &Settings, action: OutboxAction) -> Result<()> {
+        match action {
+            OutboxAction::Relay => {
+                let pool = database(settings, settings.postgres.migrate).await?;
+                let metrics = Metrics::new();
+                let publisher = Publisher::new(settings, metrics.clone())?;
+                let relay = outbox::Relay::new(pool, publisher.clone(), settings);
+                let http_stop = CancellationToken::new();
+                let server = match settings.http.addr {
+                    Some(addr) => {
+                        // No consumer here: always "consuming" for /healthz and /readyz.
+                        let (_state_tx, state) =
+                            tokio::sync::watch::channel(crate::WorkerState::Consuming);
+                        let router = crate::http::router(
+                            metrics,
+                            state,
+                            settings.publisher.confirm_timeout * 2,
+                        );
+                        let listener = crate::http::bind(addr).await?;
+                        let stop = http_stop.clone();
+                        Some(tokio::spawn(crate::http::serve(
+                            listener,
+                            router,
+                            async move { stop.cancelled().await },
+                        )))
+                    }
+                    None => None,
+                };
+                let result = relay.run(shutdown_signal()).await;
+                publisher.close().await;
+                http_stop.cancel();
+                if let Some(server) = server {
+                    let _ = server.await;
+                }
+                result
+            }
+            OutboxAction::Audit { aggregate_id } => {
+                let pool = database(settings, false).await?;
+                let records = outbox::audit(&pool, &aggregate_id).await?;
+                if records.is_empty() {
+                    return Err(Error::NotFound(format!(
+                        "no outbox events for aggregate {aggregate_id:?}; published events older than outbox.retention ({}) are deleted",
+                        humantime::format_duration(settings.outbox.retention)
+                    )));
+                }
+                println!(
+                    "{} outbox events of aggregate {aggregate_id}",
+                    records.len()
+                );
+                print!("{}", outbox::render_audit(&records));
+                Ok(())
+            }
+            OutboxAction::Status => {
+                let pool = database(settings, false).await?;
+                let backlog = outbox::backlog(&pool).await?;
+                println!(
+                    "pending {}, failing {}, oldest pending {}",
+                    backlog.pending,
+                    backlog.failing,
+                    backlog.oldest.map_or("-".to_owned(), |d| {
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            d.as_millis() as u64
+                        ))
+                        .to_string()
+                    })
+                );
+                Ok(())
+            }
+            OutboxAction::Migrate => {
+                database(settings, true).await?;
+                println!(
+                    "burrow's migrations are applied to {}",
+                    settings
+                        .postgres
+                        .url
+                        .as_ref()
+                        .map(|u| u.to_string())
+                        .unwrap_or_default()
+                );
+                Ok(())
+            }
+            OutboxAction::Cleanup { older_than } => {
+                let older_than = older_than.unwrap_or(settings.outbox.retention);
+                if older_than.is_zero() {
+                    return Err(Error::Usage(
+                        "outbox.retention is 0s (keep forever); pass --older-than, e.g. --older-than 30d".into(),
+                    ));
+                }
+                let pool = database(settings, false).await?;
+                let deleted = outbox::cleanup(&pool, older_than).await?;
+                println!(
+                    "deleted {deleted} published outbox events older than {}",
+                    humantime::format_duration(older_than)
+                );
+                Ok(())
+            }
         }
     }
 }

@@ -32,6 +32,10 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Log output.
     pub log: LogSettings,
+    /// The app's PostgreSQL database, home of the outbox and the inbox.
+    pub postgres: PostgresSettings,
+    /// The transactional outbox relay.
+    pub outbox: OutboxSettings,
 }
 
 /// `[app]`
@@ -250,6 +254,70 @@ impl Default for HttpSettings {
     }
 }
 
+/// `[postgres]`: the app's own database, where the `event_outbox` and
+/// `event_inbox` tables live (feature `postgres`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:5432/database`; unset: no database.
+    /// Put it in `BURROW__POSTGRES__URL` (a secret store), not in a file.
+    pub url: Option<DatabaseUrl>,
+    /// The schema holding burrow's tables (sets `search_path`); unset: the
+    /// server's default, normally `public`.
+    pub schema: Option<String>,
+    /// Connections in burrow's pool (the relay holds one per batch, plus one listening).
+    pub max_connections: u32,
+    /// Apply burrow's migrations at start of `burrow run` and `burrow outbox relay`.
+    pub migrate: bool,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema: None,
+            max_connections: 4,
+            migrate: true,
+        }
+    }
+}
+
+/// `[outbox]`: the relay that publishes `event_outbox` rows (see docs/outbox.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Run the relay inside `burrow run` (`burrow outbox relay` runs it alone).
+    pub enabled: bool,
+    /// At most this many events per claimed batch.
+    pub batch_size: u32,
+    /// Wake on `NOTIFY burrow_outbox` (off behind a transaction-pooling
+    /// proxy such as PgBouncer, where LISTEN does not work).
+    pub listen: bool,
+    /// Look for pending events at least this often (the fallback when a
+    /// notification is missed, and the pace of retrying failed events).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Delete published events older than this; `0s` keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the relay runs the retention cleanup.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            batch_size: 100,
+            listen: true,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -416,6 +484,65 @@ impl Settings {
                 "use a positive duration such as \"30s\"",
             );
         }
+        self.validate_postgres()
+    }
+
+    fn validate_postgres(&self) -> Result<()> {
+        let bad = |key: &str, value: &dyn fmt::Display, fix: &str| {
+            Err(Error::Config(format!("{key} = {value} is invalid: {fix}")))
+        };
+        if let Some(url) = &self.postgres.url {
+            url.validate()?;
+        }
+        if let Some(schema) = &self.postgres.schema
+            && !valid_schema(schema)
+        {
+            return bad(
+                "postgres.schema",
+                &format!("{schema:?}"),
+                "use 1-63 lowercase letters, digits or '_', starting with a letter or '_'",
+            );
+        }
+        if self.postgres.max_connections == 0 {
+            return bad("postgres.max_connections", &0, "use 1 or more");
+        }
+        if !(1..=10_000).contains(&self.outbox.batch_size) {
+            return bad(
+                "outbox.batch_size",
+                &self.outbox.batch_size,
+                "use between 1 and 10000",
+            );
+        }
+        if self.outbox.poll_interval.is_zero() {
+            return bad(
+                "outbox.poll_interval",
+                &"0s",
+                "use a positive duration such as \"1s\"",
+            );
+        }
+        if self.outbox.cleanup_interval.is_zero() {
+            return bad(
+                "outbox.cleanup_interval",
+                &"0s",
+                "use a positive duration such as \"10m\"",
+            );
+        }
+        if self.outbox.enabled {
+            if !cfg!(feature = "postgres") {
+                return bad(
+                    "outbox.enabled",
+                    &true,
+                    "this burrow was built without the postgres feature; rebuild with `--features postgres` or set outbox.enabled = false",
+                );
+            }
+            if self.postgres.url.is_none() {
+                return bad(
+                    "outbox.enabled",
+                    &true,
+                    "the relay needs a database: set postgres.url (BURROW__POSTGRES__URL)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -445,6 +572,19 @@ fn valid_name(name: &str) -> bool {
 /// value would carry the password with it.
 fn redact_config_error(message: String) -> String {
     redact_urls(&message)
+}
+
+/// A PostgreSQL schema name burrow accepts (an unquoted identifier).
+fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Replaces the password of every `scheme://user:password@` in `text` with `***`.
@@ -523,6 +663,69 @@ impl fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "AmqpUrl({self})")
     }
+}
+
+/// The PostgreSQL URL. Like [`AmqpUrl`], `Display` and `Debug` replace the
+/// password with `***`, both `user:password@` and a `password=` query
+/// parameter; only [`DatabaseUrl::expose`] returns the real value.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the connection only. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.0.starts_with("postgres://") || self.0.starts_with("postgresql://")) {
+            return Err(Error::Config(format!(
+                "postgres.url = {self} is invalid: it must start with postgres:// or postgresql://, \
+                 e.g. postgres://user:password@127.0.0.1:5432/app"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_query_password(&redact_urls(&self.0)))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// libpq-style URLs may carry the password as `?password=...`.
+fn redact_query_password(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("password=") {
+        let boundary_ok = pos == 0 || matches!(rest.as_bytes()[pos - 1], b'?' | b'&' | b';');
+        let (head, tail) = rest.split_at(pos + "password=".len());
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(tail.len());
+        if boundary_ok {
+            out.push_str("***");
+        } else {
+            out.push_str(&tail[..end]);
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `humantime_serde` handles one duration; the ladder is a list of them,
@@ -619,6 +822,52 @@ mod tests {
         s.retry.delays = vec![Duration::ZERO];
         let e = s.validate().unwrap_err().to_string();
         assert!(e.contains("retry.delays[0]"), "{e}");
+    }
+
+    #[test]
+    fn database_url_hides_the_password() {
+        let url = DatabaseUrl::new("postgres://app:pg-s3cret@db:5432/app?sslmode=require");
+        assert_eq!(
+            url.to_string(),
+            "postgres://app:***@db:5432/app?sslmode=require"
+        );
+        let url = DatabaseUrl::new("postgres://db/app?user=app&password=pg-s3cret&x=1");
+        assert_eq!(
+            url.to_string(),
+            "postgres://db/app?user=app&password=***&x=1"
+        );
+        let mut s = Settings::default();
+        s.postgres.url = Some(url);
+        assert!(!format!("{s:?}").contains("pg-s3cret"));
+        s.postgres.url = Some(DatabaseUrl::new("mysql://u:pg-s3cret@h/db"));
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("postgres.url") && !e.contains("pg-s3cret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_outbox_needs_a_database() {
+        let mut s = Settings::default();
+        s.outbox.enabled = true;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("outbox.enabled"), "{e}");
+        s.postgres.url = Some(DatabaseUrl::new("postgres://postgres@127.0.0.1/test"));
+        assert_eq!(s.validate().is_ok(), cfg!(feature = "postgres"));
+
+        let mut s = Settings::default();
+        s.postgres.schema = Some("Bad-Schema".into());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("postgres.schema"), "{e}");
+        let mut s = Settings::default();
+        s.outbox.batch_size = 0;
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("outbox.batch_size")
+        );
     }
 
     #[test]

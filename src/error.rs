@@ -176,6 +176,56 @@ pub enum Error {
     #[error("HTTP endpoint: {0}")]
     Http(String),
 
+    /// PostgreSQL could not be reached or refused the connection (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {}; check that the database runs and that postgres.url (BURROW__POSTGRES__URL) is right",
+        crate::config::redact_urls(&.source.to_string())
+    )]
+    DatabaseConnect {
+        /// The redacted database URL.
+        url: String,
+        /// The underlying sqlx error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A statement failed on an open PostgreSQL connection (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL {operation} failed: {}{}", crate::config::redact_urls(&.source.to_string()), database_hint(.source))]
+    Database {
+        /// What burrow was doing (`claim outbox batch`, `insert event_inbox row`, ...).
+        operation: String,
+        /// The underlying sqlx error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// burrow's migrations could not be applied (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    #[error(
+        "applying burrow's migrations (migrations/, tracked in _burrow_migrations) failed: {}. \
+         The database user needs CREATE on the schema; or apply migrations/*.sql yourself and set postgres.migrate = false",
+        crate::config::redact_urls(&.source.to_string())
+    )]
+    Migrate {
+        /// The underlying sqlx error.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// An event was enqueued with a message id the outbox already holds.
+    #[error(
+        "the outbox already holds an event with message id '{message_id}' (enqueuing {event_type}); message ids must be unique: \
+         leave EventMeta::message_id unset for a fresh UUID"
+    )]
+    DuplicateMessageId {
+        /// The message id given.
+        message_id: String,
+        /// The event type being enqueued.
+        event_type: String,
+    },
+
     /// The worker's consumer was cancelled or its connection ended.
     #[error("consumer on queue '{queue}' stopped: {reason}")]
     ConsumerStopped {
@@ -213,6 +263,16 @@ impl Error {
             Error::Drift(_) => false,
             Error::NotFound(_) => false,
             Error::Usage(_) => false,
+            #[cfg(feature = "postgres")]
+            Error::DatabaseConnect { source, .. } => database_retryable(source),
+            #[cfg(feature = "postgres")]
+            Error::Database { source, .. } => database_retryable(source),
+            #[cfg(feature = "postgres")]
+            Error::Migrate { source } => match source {
+                sqlx::migrate::MigrateError::Execute(e) => database_retryable(e),
+                _ => false,
+            },
+            Error::DuplicateMessageId { .. } => false,
         }
     }
 
@@ -248,6 +308,47 @@ fn amqp_retryable(error: &lapin::Error) -> bool {
         | K::NoDefaultRuntime => false,
         // lapin's ErrorKind is non-exhaustive: defer to its own verdict.
         _ => error.can_be_recovered(),
+    }
+}
+
+/// A dropped connection, a deadlock or a serialization failure can go away;
+/// a wrong password, a missing table or a constraint violation will not.
+#[cfg(feature = "postgres")]
+fn database_retryable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // SQLSTATE classes (https://www.postgresql.org/docs/current/errcodes-appendix.html):
+            // 08 connection exception, 40 transaction rollback (serialization
+            // failure, deadlock), 53 insufficient resources; 55P03 lock not
+            // available; 57P01-57P03 the server is shutting down or starting.
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || matches!(&*code, "55P03" | "57P01" | "57P02" | "57P03")
+        }
+        _ => false,
+    }
+}
+
+/// A fix for the errors an operator can act on.
+#[cfg(feature = "postgres")]
+fn database_hint(error: &sqlx::Error) -> &'static str {
+    let code = match error {
+        sqlx::Error::Database(db) => db.code().unwrap_or_default().into_owned(),
+        _ => return "",
+    };
+    match code.as_str() {
+        // undefined_table
+        "42P01" => {
+            "; burrow's tables are missing: run `burrow outbox migrate` (or set postgres.migrate = true), and check postgres.schema"
+        }
+        // insufficient_privilege
+        "42501" => {
+            "; grant the database user SELECT, INSERT, UPDATE and DELETE on event_outbox and event_inbox"
+        }
+        _ => "",
     }
 }
 

@@ -44,6 +44,8 @@
 //! | [`demo`] | `burrow demo` |
 //! | [`dlq`] | the dead-letter queue: list, show, replay, purge |
 //! | [`verify`] | comparing the declared topology with the broker |
+//! | `outbox` | transactional outbox on PostgreSQL: enqueue in your transaction, the relay publishes (feature `postgres`, docs/outbox.md) |
+//! | `inbox` | idempotent handlers: side effects once per message, in your transaction (feature `postgres`) |
 //!
 //! # A worker in a few lines
 //!
@@ -87,9 +89,13 @@ pub mod error;
 pub mod event;
 pub mod handler;
 pub mod http;
+#[cfg(feature = "postgres")]
+pub mod inbox;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 pub mod pipeline;
 pub mod publisher;
 pub mod retry;

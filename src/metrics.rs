@@ -11,6 +11,10 @@
 //! | `burrow_publish_confirm_seconds` | | publish → confirm time |
 //! | `burrow_in_flight` | | deliveries received and not yet settled |
 //! | `burrow_connected` | | 1 while the worker consumes, else 0 |
+//! | `burrow_outbox_pending` | | outbox events not yet published (feature `postgres`) |
+//! | `burrow_outbox_lag_seconds` | | age of the oldest pending outbox event, 0 when none |
+//! | `burrow_outbox_relayed_total` | event, outcome | outbox publishes; outcome = published, failed |
+//! | `burrow_outbox_relay_delay_seconds` | | outbox enqueue → broker confirm time |
 //!
 //! Label values come from the registry (handler names), the settings
 //! (queues) and bound event types; no label ever carries message content.
@@ -18,7 +22,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -109,6 +113,10 @@ pub struct Metrics {
     in_flight: Gauge,
     connected: Gauge,
     last_settled_ms: Arc<AtomicI64>,
+    outbox_pending: Gauge,
+    outbox_lag_seconds: Gauge<f64, AtomicU64>,
+    outbox_relayed: Family<EventOutcome, Counter>,
+    outbox_relay_delay: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -146,6 +154,10 @@ impl Metrics {
         let confirm_seconds = duration_histogram();
         let in_flight = Gauge::default();
         let connected = Gauge::default();
+        let outbox_pending = Gauge::default();
+        let outbox_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        let outbox_relayed = Family::<EventOutcome, Counter>::default();
+        let outbox_relay_delay = duration_histogram();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "burrow_deliveries",
@@ -192,6 +204,26 @@ impl Metrics {
             "1 while the worker is consuming",
             connected.clone(),
         );
+        registry.register(
+            "burrow_outbox_pending",
+            "Outbox events not yet published",
+            outbox_pending.clone(),
+        );
+        registry.register(
+            "burrow_outbox_lag_seconds",
+            "Age of the oldest pending outbox event (0 when none)",
+            outbox_lag_seconds.clone(),
+        );
+        registry.register(
+            "burrow_outbox_relayed",
+            "Outbox publishes by outcome (published, failed)",
+            outbox_relayed.clone(),
+        );
+        registry.register(
+            "burrow_outbox_relay_delay_seconds",
+            "Time from outbox enqueue to broker confirm",
+            outbox_relay_delay.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             deliveries,
@@ -204,6 +236,10 @@ impl Metrics {
             in_flight,
             connected,
             last_settled_ms: Arc::new(AtomicI64::new(now_ms())),
+            outbox_pending,
+            outbox_lag_seconds,
+            outbox_relayed,
+            outbox_relay_delay,
         }
     }
 
@@ -287,6 +323,32 @@ impl Metrics {
         }
     }
 
+    /// Records the outbox backlog: pending events and the age of the oldest.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn outbox_backlog(&self, pending: i64, lag_seconds: f64) {
+        self.outbox_pending.set(pending);
+        self.outbox_lag_seconds.set(lag_seconds);
+    }
+
+    /// Records one outbox publish; `delay_seconds` (enqueue → confirm) when published.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn outbox_relayed(&self, event: &str, published: bool, delay_seconds: Option<f64>) {
+        self.outbox_relayed
+            .get_or_create(&EventOutcome {
+                event: event.to_owned(),
+                outcome: if published { "published" } else { "failed" },
+            })
+            .inc();
+        if let Some(s) = delay_seconds {
+            self.outbox_relay_delay.observe(s);
+        }
+    }
+
+    /// Outbox events not yet published, as of the relay's last look.
+    pub fn outbox_pending(&self) -> i64 {
+        self.outbox_pending.get()
+    }
+
     pub(crate) fn delivery_started(&self) {
         self.in_flight.inc();
     }
@@ -341,6 +403,8 @@ mod tests {
         m.dead_lettered("events_a", "permanent");
         m.published("CardAddedToLibraryEvent", PublishOutcome::Returned, None);
         m.set_connected(true);
+        m.outbox_backlog(3, 1.5);
+        m.outbox_relayed("CardAddedToLibraryEvent", true, Some(0.004));
         let text = m.render();
         for needle in [
             r#"burrow_deliveries_total{queue="events_a",event="CardAddedToLibraryEvent"} 1"#,
@@ -352,6 +416,10 @@ mod tests {
             "burrow_publish_confirm_seconds_count 0",
             "burrow_in_flight 0",
             "burrow_connected 1",
+            "burrow_outbox_pending 3",
+            "burrow_outbox_lag_seconds 1.5",
+            r#"burrow_outbox_relayed_total{event="CardAddedToLibraryEvent",outcome="published"} 1"#,
+            "burrow_outbox_relay_delay_seconds_count 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
