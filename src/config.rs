@@ -174,6 +174,11 @@ pub struct ConsumerSettings {
     pub handler_timeout: Duration,
     /// Bodies larger than this are dead-lettered unread.
     pub max_body_bytes: usize,
+    /// Messages whose headers table is larger than this (encoded) are
+    /// dead-lettered unread as `headers_too_large`, and no copy burrow
+    /// publishes has larger headers. Keep it well below the broker's
+    /// `frame_max` (128 KiB by default): a copy's properties must fit in one frame.
+    pub max_header_bytes: usize,
     /// How long in-flight handlers may run after a shutdown signal.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -186,6 +191,7 @@ impl Default for ConsumerSettings {
             concurrency: 16,
             handler_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
+            max_header_bytes: 64 * 1024,
             shutdown_timeout: Duration::from_secs(25),
         }
     }
@@ -453,6 +459,13 @@ impl Settings {
         }
         if self.consumer.max_body_bytes == 0 {
             return bad("consumer.max_body_bytes", &0, "use 1 or more");
+        }
+        if self.consumer.max_header_bytes < 16 * 1024 {
+            return bad(
+                "consumer.max_header_bytes",
+                &self.consumer.max_header_bytes,
+                "use 16384 or more: a copy carries up to about 5 KiB of burrow's own headers plus the handler names (65536 is the default)",
+            );
         }
         if self.queue.delivery_limit == 0 {
             return bad(

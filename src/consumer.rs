@@ -44,7 +44,7 @@ use crate::{
     publisher::Publisher,
     retry::RetryLadder,
     topology::Topology,
-    wire::{self, Incoming, headers, long_string, string_array},
+    wire::{self, HeaderBudget, Incoming, headers, long_string, string_array},
 };
 
 /// The worker's lifecycle, observable through [`WorkerHandle::state`].
@@ -292,7 +292,8 @@ impl Worker {
                 RetryLadder::new(&queue, &settings.retry.delays),
                 settings.consumer.handler_timeout,
                 settings.consumer.max_body_bytes,
-            ),
+            )
+            .with_header_budget(HeaderBudget::new(settings.consumer.max_header_bytes)),
             publisher: publisher.clone(),
             queue: queue.clone(),
             dead_queue: settings.dead_letter_queue(),
@@ -657,7 +658,7 @@ impl Shared {
             headers::LAST_ERROR.into(),
             long_string(&truncate(&r.errors.join("\n"), 4096)),
         );
-        let props = copy_properties(incoming, properties, extra);
+        let props = copy_properties(incoming, properties, extra, self.pipeline.header_budget());
         info!(step = r.step.number, delay = %humantime::format_duration(r.step.delay), handlers = ?r.handlers, errors = ?r.errors, "retrying");
         self.publisher.send("", &r.step.queue, body, props).await
     }
@@ -687,7 +688,7 @@ impl Shared {
             headers::DEAD_AT.into(),
             AMQPValue::LongLongInt(wire::now_ms()),
         );
-        let props = copy_properties(incoming, properties, extra);
+        let props = copy_properties(incoming, properties, extra, self.pipeline.header_budget());
         warn!(reason = %d.reason, handlers = ?d.handlers, errors = ?d.errors, "dead-lettering");
         self.publisher.send("", &self.dead_queue, body, props).await
     }
@@ -695,24 +696,29 @@ impl Shared {
 
 /// The properties of a retry or dead-letter copy: the original ones, a
 /// message id (derived if the publisher set none, so it stays stable), and
-/// burrow's headers on top of the original headers.
+/// burrow's headers on top of the original headers. The headers are fitted
+/// into the header budget, so the copy can always be published: past it, the
+/// largest original headers are left out and named in `burrow-dropped-headers`.
 fn copy_properties(
     incoming: &Incoming,
     original: &BasicProperties,
     extra: FieldTable,
+    budget: &HeaderBudget,
 ) -> BasicProperties {
-    let mut table = original.headers().clone().unwrap_or_default();
-    table.insert(
+    let mut own = FieldTable::default();
+    own.insert(
         headers::EVENT_TYPE.into(),
         long_string(&incoming.event_type),
     );
-    table.insert(
+    own.insert(
         headers::FIRST_FAILURE_AT.into(),
         AMQPValue::LongLongInt(incoming.first_failure_at.unwrap_or_else(wire::now_ms)),
     );
     for (k, v) in &extra {
-        table.insert(k.clone(), v.clone());
+        own.insert(k.clone(), v.clone());
     }
+    let empty = FieldTable::default();
+    let table = budget.fit(own, original.headers().as_ref().unwrap_or(&empty));
     original
         .clone()
         .with_message_id(wire::short_string_lossy(&incoming.message_id))

@@ -1,7 +1,7 @@
 //! From one delivery to one [`Settlement`], with no broker involved.
 //!
-//! The pipeline reads the metadata, guards against bodies it must not touch
-//! (too large, compressed), picks the handlers the delivery is for, runs them
+//! The pipeline reads the metadata, guards against messages it must not touch
+//! (body or headers too large, compressed body), picks the handlers the delivery is for, runs them
 //! concurrently — each under a timeout and a panic guard — and turns their
 //! outcomes into exactly one settlement. The consumer then carries the
 //! settlement out (publish with confirm, then ack). Keeping this part free of
@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::{
     handler::{Context, Failure, Registry},
     retry::{RetryLadder, RetryStep},
-    wire::Incoming,
+    wire::{HeaderBudget, Incoming},
 };
 
 /// Why a message was dead-lettered; written to the `burrow-dead-reason` header
@@ -41,6 +41,9 @@ pub enum DeadReason {
     BadHeaders,
     /// The body exceeds `consumer.max_body_bytes`.
     TooLarge,
+    /// The headers table exceeds `consumer.max_header_bytes` encoded, or
+    /// nests tables and arrays deeper than [`HeaderBudget::MAX_DEPTH`].
+    HeadersTooLarge,
     /// The body has a `content_encoding` burrow does not decode (gzip, ...).
     UnsupportedEncoding,
     /// The message names a handler this app does not have (renamed or removed).
@@ -56,6 +59,7 @@ impl DeadReason {
             DeadReason::Undecodable => "undecodable",
             DeadReason::BadHeaders => "bad_headers",
             DeadReason::TooLarge => "too_large",
+            DeadReason::HeadersTooLarge => "headers_too_large",
             DeadReason::UnsupportedEncoding => "unsupported_encoding",
             DeadReason::UnknownHandler => "unknown_handler",
         }
@@ -159,6 +163,7 @@ pub struct Pipeline {
     ladder: RetryLadder,
     handler_timeout: Duration,
     max_body_bytes: usize,
+    header_budget: HeaderBudget,
 }
 
 impl Pipeline {
@@ -174,7 +179,20 @@ impl Pipeline {
             ladder,
             handler_timeout,
             max_body_bytes,
+            header_budget: HeaderBudget::default(),
         }
+    }
+
+    /// Uses `budget` for incoming headers instead of the default
+    /// (64 KiB, [`HeaderBudget::MAX_DEPTH`] levels).
+    pub fn with_header_budget(mut self, budget: HeaderBudget) -> Self {
+        self.header_budget = budget;
+        self
+    }
+
+    /// The header budget in use; the consumer fits its copies into it.
+    pub fn header_budget(&self) -> &HeaderBudget {
+        &self.header_budget
     }
 
     /// The ladder in use.
@@ -209,6 +227,16 @@ impl Pipeline {
                     self.max_body_bytes
                 ),
             );
+            return Processed {
+                incoming,
+                runs: Vec::new(),
+                settlement: s,
+            };
+        }
+        if let Some(headers) = properties.headers()
+            && let Some(problem) = self.header_budget.check(headers)
+        {
+            let s = dead(DeadReason::HeadersTooLarge, problem);
             return Processed {
                 incoming,
                 runs: Vec::new(),
@@ -549,6 +577,15 @@ mod tests {
             out.settlement.dead_letter().unwrap().reason,
             DeadReason::BadHeaders
         );
+
+        let p = p.with_header_budget(crate::wire::HeaderBudget::new(256));
+        let mut h = FieldTable::default();
+        h.insert("x-big".into(), crate::wire::long_string(&"x".repeat(300)));
+        let out = run(&p, &body("fine"), h).await;
+        let d = out.settlement.dead_letter().unwrap();
+        assert_eq!(d.reason, DeadReason::HeadersTooLarge);
+        assert!(d.errors[0].contains("max_header_bytes is 256"), "{d:?}");
+        assert!(out.runs.is_empty());
     }
 
     #[tokio::test]
