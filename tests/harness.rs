@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use burrow::config::AmqpUrl;
 use common::{node::Node, proxy::Proxy, *};
@@ -142,21 +142,9 @@ async fn a_node_of_our_own_stops_starts_dies_and_restarts_with_its_data() {
     );
 }
 
-fn shared_broker() -> SocketAddr {
-    let url: lapin::uri::AMQPUri = amqp_url().parse().expect("AMQP_URL parses");
-    let host = if url.authority.host == "localhost" {
-        "127.0.0.1".to_owned()
-    } else {
-        url.authority.host.clone()
-    };
-    format!("{host}:{}", url.authority.port)
-        .parse()
-        .expect("AMQP_URL host is an IP address")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_forwards_cuts_blackholes_and_refuses() {
-    let proxy = Proxy::start(shared_broker()).await;
+    let proxy = Proxy::start(common::proxy::shared_broker_addr()).await;
     assert!(proxy.url().contains(&proxy.port().to_string()));
 
     // Forwards: a full AMQP round trip.
@@ -167,6 +155,7 @@ async fn the_proxy_forwards_cuts_blackholes_and_refuses() {
         .await
         .expect("connects through the proxy");
     assert_eq!(proxy.connections(), 1);
+    assert_eq!(proxy.accepted(), 1);
     put_durable(&conn, &queue, b"through").await;
     assert_eq!(get(&conn, &queue).await.as_deref(), Some(&b"through"[..]));
 
@@ -189,7 +178,14 @@ async fn the_proxy_forwards_cuts_blackholes_and_refuses() {
     );
     assert_eq!(proxy.connections(), 1, "the blackhole keeps the socket");
     assert!(conn.status().connected());
+    within("the proxy to hold the channel.open", async {
+        while proxy.held_from_clients() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     proxy.blackhole(false);
+    assert_eq!(proxy.held_from_clients(), 0);
     within("the held channel.open to complete", ch)
         .await
         .expect("channel opens after the blackhole");
@@ -207,6 +203,7 @@ async fn the_proxy_forwards_cuts_blackholes_and_refuses() {
         .await
         .expect("connects after a cut");
     assert_eq!(proxy.connections(), 1);
+    assert_eq!(proxy.accepted(), 2);
 
     // Refuse: new connections fail, the existing one is untouched.
     proxy.refuse(true);

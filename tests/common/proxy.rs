@@ -39,6 +39,8 @@ pub struct Proxy {
     port: u16,
     control: watch::Sender<Control>,
     open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -51,16 +53,24 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let (control, _) = watch::channel(Control::default());
         let open = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream,
             control.subscribe(),
-            open.clone(),
+            Counters {
+                open: open.clone(),
+                accepted: accepted.clone(),
+                held: held.clone(),
+            },
         ));
         Proxy {
             port,
             control,
             open,
+            accepted,
+            held,
             accept,
         }
     }
@@ -88,6 +98,9 @@ impl Proxy {
     /// nothing is lost: held bytes flow again when the blackhole ends, as
     /// after a network partition TCP retransmits.
     pub fn blackhole(&self, on: bool) {
+        if !on {
+            self.held.store(0, Ordering::SeqCst);
+        }
         self.control.send_modify(|c| c.blackhole = on);
     }
 
@@ -105,6 +118,18 @@ impl Proxy {
     pub fn connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
+
+    /// Client connections forwarded since the start (refused ones excluded):
+    /// a client that reconnected shows here.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections whose client has sent bytes the blackhole is holding
+    /// (e.g. publishes the broker has not seen). Reset when the blackhole ends.
+    pub fn held_from_clients(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -114,11 +139,18 @@ impl Drop for Proxy {
     }
 }
 
+#[derive(Clone)]
+struct Counters {
+    open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     control: watch::Receiver<Control>,
-    open: Arc<AtomicUsize>,
+    counters: Counters,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -129,16 +161,17 @@ async fn accept_loop(
             drop(client);
             continue;
         }
+        counters.accepted.fetch_add(1, Ordering::SeqCst);
         let control = control.clone();
-        let open = open.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return; // the client sees the connection closed
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            open.fetch_add(1, Ordering::SeqCst);
-            let _open = OpenGuard(open);
+            counters.open.fetch_add(1, Ordering::SeqCst);
+            let _open = OpenGuard(counters.open.clone());
             let generation = now.cut_generation;
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
@@ -146,8 +179,8 @@ async fn accept_loop(
             // Either direction ending, a cut or the proxy stopping closes
             // both sockets (dropped here): AMQP never half-closes.
             tokio::select! {
-                _ = pump(client_read, server_write, control.clone(), generation) => {}
-                _ = pump(server_read, client_write, control.clone(), generation) => {}
+                _ = pump(client_read, server_write, control.clone(), generation, Some(counters.held)) => {}
+                _ = pump(server_read, client_write, control.clone(), generation, None) => {}
                 _ = ended.wait_for(|c| c.stopped || c.cut_generation != generation) => {}
             }
         });
@@ -169,16 +202,33 @@ async fn pump(
     mut to: OwnedWriteHalf,
     mut control: watch::Receiver<Control>,
     generation: u64,
+    held: Option<Arc<AtomicUsize>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Do not even read while blackholed: the bytes wait in the kernel.
-        if control
-            .wait_for(|c| !c.blackhole || c.stopped || c.cut_generation != generation)
-            .await
-            .is_err()
-        {
-            return;
+        if control.borrow().blackhole {
+            let mut counted = false;
+            loop {
+                tokio::select! {
+                    passed = control.wait_for(|c| !c.blackhole || c.stopped || c.cut_generation != generation) => {
+                        if passed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    // Bytes arrived and wait: count this connection once.
+                    ready = from.readable(), if !counted => {
+                        if ready.is_err() {
+                            return;
+                        }
+                        counted = true;
+                        if let Some(held) = &held {
+                            held.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
         }
         let n = tokio::select! {
             read = from.read(&mut buf) => match read {
@@ -204,4 +254,18 @@ async fn pump(
             return;
         }
     }
+}
+
+/// The shared broker's AMQP address (from `AMQP_URL`), to put a proxy in
+/// front of it.
+pub fn shared_broker_addr() -> SocketAddr {
+    let url: lapin::uri::AMQPUri = super::amqp_url().parse().expect("AMQP_URL parses");
+    let host = match url.authority.host.as_str() {
+        "localhost" => "127.0.0.1".to_owned(),
+        host => host.to_owned(),
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), url.authority.port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("AMQP_URL host resolves")
 }
