@@ -43,7 +43,8 @@
 //! `LAT_RATE` (2000), `LAT_SECS` (10), `FAIL_N` (N/5), `IDLE_SECS` (2),
 //! `SOAK_N` (0 = off), `SOAK_KINDS` (first of `KINDS`), `WINDOW` (1024),
 //! `PREFETCH` (64), `BENCH_TRACING` (1: install burrow's default log filter
-//! with a discarding writer, as the `burrow` binary does), `BENCH_OUT`
+//! with a discarding writer, as the `burrow` binary does), `BENCH_LOG` (a
+//! log filter printed to stderr, e.g. `burrow::ack=debug`; for inspection), `BENCH_OUT`
 //! (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
 //!
 //! Exchanges and queues are named `bench-<run id>-...`; each child deletes
@@ -315,16 +316,70 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn find_broker_pid() -> Option<i32> {
-    std::fs::read_dir("/proc")
+/// The broker process: the `beam.smp` that owns the socket listening on the
+/// AMQP port of `url`. Other Erlang nodes on the machine (test brokers on
+/// other ports) are not it; when the owner cannot be told, and only then,
+/// a single `beam.smp` is taken.
+fn find_broker_pid(url: &str) -> Option<i32> {
+    let port = amqp_port(url);
+    let mut listening = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 0A is LISTEN; field 9 is the socket inode.
+            if local_port == Some(port)
+                && f.get(3) == Some(&"0A")
+                && let Some(inode) = f.get(9)
+            {
+                listening.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let beams: Vec<i32> = std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
+        .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .map(|c| c.trim() == "beam.smp")
                 .unwrap_or(false)
         })
+        .collect();
+    let owner = beams.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|e| e.ok()).any(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|l| listening.contains(l.to_string_lossy().as_ref()))
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    });
+    owner.or_else(|| (beams.len() == 1).then(|| beams[0]))
+}
+
+/// The port of an `amqp://` or `amqps://` URL (5672 / 5671 by default).
+fn amqp_port(url: &str) -> u16 {
+    let default = if url.starts_with("amqps://") {
+        5671
+    } else {
+        5672
+    };
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A point in time for the window measurements.
@@ -912,7 +967,14 @@ fn confirm_checker(
 // ---------------------------------------------------------------------------
 
 fn run_child(spec: Spec) -> RunResult {
-    if spec.tracing {
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        // For looking inside a run (e.g. BENCH_LOG=burrow::ack=debug); not
+        // for measuring.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    } else if spec.tracing {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("info,lapin=error"))
             .with_writer(std::io::sink)
@@ -1723,14 +1785,15 @@ fn main() {
     eprintln!("bench_e2e: {body_len}-byte bodies\n{header}");
     let mut parent = Parent {
         run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
-        broker_pid: find_broker_pid(),
+        broker_pid: find_broker_pid(&cfg.url),
         cfg,
         specs: Vec::new(),
         results: Vec::new(),
         seq: 0,
     };
-    if parent.broker_pid.is_none() {
-        eprintln!("(no local beam.smp process found: broker CPU is not reported)");
+    match parent.broker_pid {
+        Some(pid) => eprintln!("broker process: pid {pid} (listens on the AMQP port)"),
+        None => eprintln!("(no local broker process found: broker CPU is not reported)"),
     }
     let started = Instant::now();
     parent.schedule();

@@ -13,8 +13,13 @@
 //!                                                                      basic.nack(requeue): redelivered later
 //! ```
 //!
-//! lapin's `ack` returns `Ok(false)` when it sent nothing (the channel closed
-//! under us): the broker will redeliver, and the outcome says so.
+//! Acks are coalesced ([`crate::ack`]): a delivery ready to be acked joins
+//! its channel's ack window, and one `basic.ack` with `multiple` set covers
+//! each run of contiguous ready deliveries. A delivery still in its handler
+//! or waiting for a confirm is never covered, so the order above holds for
+//! every delivery. lapin's `ack` returns `Ok(false)` when it sent nothing
+//! (the channel closed under us): the broker will redeliver, and the
+//! outcome says so.
 
 use std::{future::Future, sync::Arc};
 
@@ -22,9 +27,7 @@ use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    },
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
 use tokio::{
@@ -35,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
+    ack::Acks,
     config::Settings,
     connection,
     error::{Error, Result},
@@ -286,7 +290,9 @@ impl Worker {
         self.metrics.set_connected(true);
         self.state.send_replace(WorkerState::Consuming);
 
+        let (acks, settler) = Acks::start(self.outcomes.clone());
         let shared = Arc::new(Shared {
+            acks: acks.clone(),
             pipeline: Pipeline::new(
                 self.registry.clone(),
                 RetryLadder::new(&queue, &settings.retry.delays),
@@ -323,6 +329,9 @@ impl Worker {
             }
             match next {
                 Some(Ok(delivery)) => {
+                    // In arrival order, before the task starts: the ack
+                    // window must know every delivery a multiple ack could cover.
+                    acks.received(delivery.delivery_tag);
                     let shared = shared.clone();
                     shared.metrics.delivery_started();
                     tasks.spawn(async move {
@@ -380,6 +389,8 @@ impl Worker {
                 "handlers still running at the deadline were stopped without ack; their deliveries will be redelivered"
             );
         }
+        // Every task has ended: ack what is ready while the channel is open.
+        acks.finish(settler).await;
         close(&channel, &conn).await;
         match lost_reason {
             None => SessionEnd::Shutdown,
@@ -498,6 +509,7 @@ impl WorkerHandle {
 }
 
 struct Shared {
+    acks: Acks,
     pipeline: Pipeline,
     publisher: Publisher,
     queue: String,
@@ -510,6 +522,7 @@ struct Shared {
 impl Shared {
     async fn handle(&self, delivery: Delivery) {
         let Delivery {
+            delivery_tag,
             exchange,
             routing_key,
             properties,
@@ -551,8 +564,18 @@ impl Shared {
             );
             span.record("attempt", processed.incoming.attempt);
             self.record_metrics(&processed);
-            let acked = self.settle(&processed, &properties, &data, &acker).await;
-            let _ = self.outcomes.send(outcome(&processed, acked));
+            let moved = self.settle(&processed, &properties, &data, &acker).await;
+            // Outcomes are built only for subscribers (tests, the demo).
+            let outcome = (self.outcomes.receiver_count() > 0).then(|| outcome(&processed, moved));
+            if moved {
+                // Acked by the settler, with the deliveries around it.
+                self.acks.ready(delivery_tag, acker, outcome).await;
+            } else {
+                self.acks.returned(delivery_tag);
+                if let Some(o) = outcome {
+                    let _ = self.outcomes.send(o);
+                }
+            }
         }
         .instrument(span)
         .await
@@ -583,7 +606,9 @@ impl Shared {
         }
     }
 
-    /// Carries out a settlement. Returns whether the ack was sent.
+    /// Carries out a settlement up to the ack. Returns `true` when the
+    /// delivery may be acked (every copy confirmed), `false` when it was
+    /// returned to the queue with `basic.nack`.
     async fn settle(
         &self,
         processed: &Processed,
@@ -626,19 +651,7 @@ impl Shared {
             }
             return false;
         }
-        match acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                warn!(
-                    "ack not sent: the channel closed first; the broker will redeliver this message"
-                );
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "ack failed; the broker will redeliver this message");
-                false
-            }
-        }
+        true
     }
 
     async fn forward_retry(

@@ -39,6 +39,7 @@
 //! | `otel` | W3C trace context through message headers (feature `otel`) |
 //! | [`pipeline`] | delivery → [`Settlement`], no I/O |
 //! | [`consumer`] | the [`Worker`] loop and settlement |
+//! | [`ack`] | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
 //! | [`cli`] | the `burrow` command line |
 //! | [`demo`] | `burrow demo` |
@@ -79,6 +80,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ack;
 pub mod cli;
 pub mod config;
 pub mod connection;

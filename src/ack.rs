@@ -1,0 +1,488 @@
+//! Coalesced acknowledgements: one `basic.ack` with `multiple` set for a run
+//! of contiguous settled deliveries, instead of one frame per delivery.
+//!
+//! RabbitMQ's `basic.ack` with `multiple = true` acknowledges every
+//! outstanding delivery on the channel up to and including its tag
+//! (<https://www.rabbitmq.com/docs/confirms#consumer-acks-multiple-parameter>).
+//! That is only safe over deliveries that are *all* ready to be acked: one
+//! still in its handler, or still waiting for the confirm of its retry or
+//! dead-letter copy, must not be covered. So the worker keeps, per channel,
+//! an [`AckWindow`]: every delivery in the order it arrived, pending until
+//! its settlement is complete.
+//!
+//! - A delivery whose copies are confirmed (or that needed none) becomes
+//!   *ready*. The settler task acks the longest ready prefix of the window
+//!   with one frame on the prefix's last tag.
+//! - A delivery returned with `basic.nack` is nacked by its own task before
+//!   it is marked *done*, so the nack frame precedes any ack that covers its
+//!   tag; the broker no longer counts it as outstanding and the ack leaves
+//!   it alone.
+//! - A ready delivery stuck behind a slow one is acked on its own after
+//!   [`HOLD`], so one long handler does not keep the prefetch window full of
+//!   finished messages.
+//! - When the session ends, every ready delivery is acked before the channel
+//!   closes; pending ones (abandoned handlers) are never acked and come back.
+//!
+//! The settler flushes whenever it is woken and the window has something to
+//! send; while one ack is on its way, more deliveries settle, so batches grow
+//! with the load and a lone message is acked at once. Each delivery is acked
+//! exactly once: it leaves the window in exactly one batch or as one single.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use lapin::{Acker, options::BasicAckOptions};
+use tokio::{
+    sync::{Notify, broadcast},
+    task::JoinHandle,
+    time::Instant,
+};
+use tracing::{debug, warn};
+
+use crate::consumer::Outcome;
+
+/// How long a ready delivery may wait behind one that is still pending
+/// before it is acked on its own.
+pub const HOLD: Duration = Duration::from_millis(10);
+
+#[derive(Debug)]
+enum Slot<P> {
+    /// Received, settlement not finished: no ack may cover this tag yet.
+    Pending,
+    /// Ready to be acked since the instant.
+    Ready(P, Instant),
+    /// Nothing left to send: nacked, or already acked on its own.
+    Done,
+}
+
+/// The deliveries of one channel in arrival order, and which of them may be
+/// acked. Pure bookkeeping: the caller sends the frames.
+#[derive(Debug)]
+pub struct AckWindow<P> {
+    slots: VecDeque<(u64, Slot<P>)>,
+}
+
+impl<P> Default for AckWindow<P> {
+    fn default() -> Self {
+        Self {
+            slots: VecDeque::new(),
+        }
+    }
+}
+
+impl<P> AckWindow<P> {
+    /// Records a delivery as it arrives. Tags must increase.
+    pub fn received(&mut self, tag: u64) {
+        debug_assert!(
+            self.slots.back().is_none_or(|(last, _)| *last < tag),
+            "delivery tags arrive in increasing order"
+        );
+        self.slots.push_back((tag, Slot::Pending));
+    }
+
+    /// Marks a pending delivery ready to ack (`Some`) or settled without an
+    /// ack (`None`: it was nacked). Gives the payload back if the tag is not
+    /// pending in this window.
+    pub fn settled(&mut self, tag: u64, ack: Option<P>, now: Instant) -> Result<(), Option<P>> {
+        match self.slots.binary_search_by_key(&tag, |(t, _)| *t) {
+            Ok(i) if matches!(self.slots[i].1, Slot::Pending) => {
+                self.slots[i].1 = match ack {
+                    Some(p) => Slot::Ready(p, now),
+                    None => Slot::Done,
+                };
+                Ok(())
+            }
+            _ => Err(ack),
+        }
+    }
+
+    /// Takes what can be acked now: into `batch` the ready deliveries of the
+    /// settled prefix (one ack with `multiple` on the last covers them all),
+    /// into `singles` the ready ones behind a pending delivery that waited
+    /// `hold` or longer, or all of them when `closing`.
+    pub fn take(
+        &mut self,
+        now: Instant,
+        hold: Duration,
+        closing: bool,
+        batch: &mut Vec<(u64, P)>,
+        singles: &mut Vec<(u64, P)>,
+    ) {
+        while let Some((_, slot)) = self.slots.front() {
+            if matches!(slot, Slot::Pending) {
+                break;
+            }
+            if let Some((tag, Slot::Ready(p, _))) = self.slots.pop_front() {
+                batch.push((tag, p));
+            }
+        }
+        for (tag, slot) in self.slots.iter_mut() {
+            let due = match slot {
+                Slot::Ready(_, since) => closing || now.saturating_duration_since(*since) >= hold,
+                Slot::Pending | Slot::Done => false,
+            };
+            if due && let Slot::Ready(p, _) = std::mem::replace(slot, Slot::Done) {
+                singles.push((*tag, p));
+            }
+        }
+    }
+
+    /// When the oldest ready delivery behind a pending one is due on its own.
+    pub fn next_due(&self, hold: Duration) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|(_, slot)| match slot {
+                Slot::Ready(_, since) => Some(*since + hold),
+                Slot::Pending | Slot::Done => None,
+            })
+            .min()
+    }
+
+    /// Deliveries still in the window (pending, ready or done behind a pending one).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// What the settler did over a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckStats {
+    /// Deliveries acked (the frame was sent).
+    pub acked: u64,
+    /// `basic.ack` frames sent for them.
+    pub frames: u64,
+    /// Deliveries whose ack could not be sent (the channel closed first).
+    pub not_sent: u64,
+}
+
+/// A delivery waiting for its ack, and the outcome to broadcast once the
+/// ack is sent (only built when someone listens).
+#[derive(Debug)]
+struct Waiting {
+    acker: Acker,
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    window: AckWindow<Waiting>,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    // A std mutex: held for a few pointer moves, never across an await.
+    state: std::sync::Mutex<State>,
+    wake: Notify,
+    outcomes: broadcast::Sender<Outcome>,
+}
+
+/// The consumer's side of one channel's ack window; the settler task sends
+/// the frames.
+#[derive(Debug, Clone)]
+pub(crate) struct Acks {
+    inner: Arc<Inner>,
+}
+
+impl Acks {
+    /// Starts the settler task for one channel.
+    pub(crate) fn start(outcomes: broadcast::Sender<Outcome>) -> (Acks, JoinHandle<AckStats>) {
+        let inner = Arc::new(Inner {
+            state: std::sync::Mutex::default(),
+            wake: Notify::new(),
+            outcomes,
+        });
+        let task = tokio::spawn(settler(inner.clone()));
+        (Acks { inner }, task)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a delivery taken off the consumer, before its task starts.
+    pub(crate) fn received(&self, tag: u64) {
+        self.state().window.received(tag);
+    }
+
+    /// The delivery's settlement is complete (its copies confirmed): ack it.
+    /// The outcome, if any, is broadcast once the ack frame is sent.
+    pub(crate) async fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
+        let waiting = Waiting { acker, outcome };
+        let refused = self
+            .state()
+            .window
+            .settled(tag, Some(waiting), Instant::now());
+        match refused {
+            Ok(()) => self.inner.wake.notify_one(),
+            // Not in the window (cannot happen: every tag is recorded before
+            // its task starts). Ack it on its own rather than lose track.
+            Err(waiting) => {
+                warn!(
+                    tag,
+                    "delivery missing from the ack window; acking it on its own"
+                );
+                if let Some(w) = waiting {
+                    let acked = send_ack(&w.acker, false, 1).await;
+                    broadcast_outcome(&self.inner.outcomes, w.outcome, acked);
+                }
+            }
+        }
+    }
+
+    /// The delivery was settled without an ack (nacked, frame already sent).
+    pub(crate) fn returned(&self, tag: u64) {
+        if self
+            .state()
+            .window
+            .settled(tag, None, Instant::now())
+            .is_ok()
+        {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Acks every ready delivery and stops the settler. Call once no task
+    /// can settle any more, before the channel closes.
+    pub(crate) async fn finish(self, settler: JoinHandle<AckStats>) -> AckStats {
+        self.state().closing = true;
+        self.inner.wake.notify_one();
+        settler.await.unwrap_or_default()
+    }
+}
+
+async fn settler(inner: Arc<Inner>) -> AckStats {
+    let outcomes = &inner.outcomes;
+    let mut stats = AckStats::default();
+    let mut batch = Vec::new();
+    let mut singles = Vec::new();
+    loop {
+        let (closing, due) = {
+            let mut state = inner
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let closing = state.closing;
+            state
+                .window
+                .take(Instant::now(), HOLD, closing, &mut batch, &mut singles);
+            (closing, state.window.next_due(HOLD))
+        };
+        if let Some((_, last)) = batch.last() {
+            let n = batch.len() as u64;
+            let acked = send_ack(&last.acker, n > 1, n).await;
+            stats.count(acked, n);
+            for (_, w) in batch.drain(..) {
+                broadcast_outcome(outcomes, w.outcome, acked);
+            }
+        }
+        for (_, w) in singles.drain(..) {
+            let acked = send_ack(&w.acker, false, 1).await;
+            stats.count(acked, 1);
+            broadcast_outcome(outcomes, w.outcome, acked);
+        }
+        if closing {
+            break;
+        }
+        // `notify_one` leaves a permit when nobody waits, so a settlement
+        // between the take above and this wait is not missed.
+        match due {
+            Some(at) => tokio::select! {
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep_until(at) => {}
+            },
+            None => inner.wake.notified().await,
+        }
+    }
+    debug!(
+        acked = stats.acked,
+        frames = stats.frames,
+        not_sent = stats.not_sent,
+        "ack window closed"
+    );
+    stats
+}
+
+impl AckStats {
+    fn count(&mut self, acked: bool, n: u64) {
+        if acked {
+            self.acked += n;
+            self.frames += 1;
+        } else {
+            self.not_sent += n;
+        }
+    }
+}
+
+fn broadcast_outcome(outcomes: &broadcast::Sender<Outcome>, outcome: Option<Outcome>, acked: bool) {
+    if let Some(mut o) = outcome {
+        o.acked = acked;
+        let _ = outcomes.send(o);
+    }
+}
+
+/// Sends one ack; `false` when it was not sent. lapin answers `Ok(false)`
+/// when the channel closed first (the acker is poisoned): the broker then
+/// redelivers every message the ack would have covered.
+async fn send_ack(acker: &Acker, multiple: bool, count: u64) -> bool {
+    match acker.ack(BasicAckOptions { multiple }).await {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(
+                count,
+                "ack not sent: the channel closed first; the broker will redeliver these messages"
+            );
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, count, "ack failed; the broker will redeliver these messages");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(w: &mut AckWindow<u64>, now: Instant, closing: bool) -> (Vec<u64>, Vec<u64>) {
+        let (mut batch, mut singles) = (Vec::new(), Vec::new());
+        w.take(now, HOLD, closing, &mut batch, &mut singles);
+        (
+            batch.into_iter().map(|(t, _)| t).collect(),
+            singles.into_iter().map(|(t, _)| t).collect(),
+        )
+    }
+
+    #[test]
+    fn a_contiguous_prefix_goes_in_one_batch() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        for tag in 1..=5 {
+            w.received(tag);
+        }
+        for tag in [2, 1, 3] {
+            w.settled(tag, Some(tag), now).unwrap();
+        }
+        assert_eq!(take(&mut w, now, false), (vec![1, 2, 3], vec![]));
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn nothing_behind_a_pending_delivery_is_covered() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        for tag in 1..=3 {
+            w.received(tag);
+        }
+        w.settled(2, Some(2), now).unwrap();
+        w.settled(3, Some(3), now).unwrap();
+        assert_eq!(take(&mut w, now, false), (vec![], vec![]));
+        assert_eq!(w.next_due(HOLD), Some(now + HOLD));
+        // Held long enough: acked one by one, tag 1 still pending.
+        assert_eq!(take(&mut w, now + HOLD, false), (vec![], vec![2, 3]));
+        assert_eq!(w.next_due(HOLD), None);
+        // Tag 1 settles: it alone is acked; 2 and 3 are not sent twice.
+        w.settled(1, Some(1), now).unwrap();
+        assert_eq!(take(&mut w, now + HOLD, false), (vec![1], vec![]));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_nacked_delivery_does_not_block_the_prefix() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        for tag in 1..=3 {
+            w.received(tag);
+        }
+        w.settled(1, Some(1), now).unwrap();
+        w.settled(2, None, now).unwrap();
+        w.settled(3, Some(3), now).unwrap();
+        assert_eq!(take(&mut w, now, false), (vec![1, 3], vec![]));
+    }
+
+    #[test]
+    fn closing_acks_every_ready_delivery_and_leaves_pending_ones() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        for tag in 1..=4 {
+            w.received(tag);
+        }
+        w.settled(1, Some(1), now).unwrap();
+        w.settled(3, Some(3), now).unwrap();
+        w.settled(4, Some(4), now).unwrap();
+        assert_eq!(take(&mut w, now, true), (vec![1], vec![3, 4]));
+        assert_eq!(take(&mut w, now, true), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_tag_settles_once() {
+        let now = Instant::now();
+        let mut w = AckWindow::default();
+        w.received(7);
+        w.settled(7, Some(7), now).unwrap();
+        assert_eq!(w.settled(7, Some(7), now), Err(Some(7)));
+        assert_eq!(w.settled(8, None, now), Err(None));
+    }
+
+    /// Any order of settlements, interleaving acks and nacks, with flushes in
+    /// between: every ready delivery leaves the window exactly once, never
+    /// before it is ready, and a batch never spans a pending delivery.
+    #[test]
+    fn every_delivery_is_acked_exactly_once_in_any_order() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let start = Instant::now();
+            let n = 1 + rand(40);
+            let mut w = AckWindow::default();
+            let mut order: Vec<u64> = (1..=n).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rand(i as u64 + 1) as usize);
+            }
+            let nacked: Vec<bool> = (0..=n).map(|_| rand(5) == 0).collect();
+            let mut state = vec![0u8; n as usize + 1]; // 0 pending, 1 ready, 2 nacked
+            let mut acked = vec![0u32; n as usize + 1];
+            for tag in 1..=n {
+                w.received(tag);
+            }
+            for (i, &tag) in order.iter().enumerate() {
+                let ack = (!nacked[tag as usize]).then_some(tag);
+                state[tag as usize] = if ack.is_some() { 1 } else { 2 };
+                w.settled(tag, ack, start).unwrap();
+                if rand(3) == 0 || i + 1 == order.len() {
+                    let now = start + HOLD * rand(2) as u32;
+                    let (mut batch, mut singles) = (Vec::new(), Vec::new());
+                    w.take(now, HOLD, false, &mut batch, &mut singles);
+                    if let Some(&(last, _)) = batch.last() {
+                        // Everything the multiple ack covers is settled.
+                        assert!((1..=last).all(|t| state[t as usize] != 0));
+                    }
+                    for (tag, p) in batch.into_iter().chain(singles) {
+                        assert_eq!(tag, p);
+                        assert_eq!(state[tag as usize], 1, "only ready deliveries are acked");
+                        acked[tag as usize] += 1;
+                    }
+                }
+            }
+            assert!(w.is_empty());
+            for tag in 1..=n as usize {
+                let want = u32::from(!nacked[tag]);
+                assert_eq!(acked[tag], want, "tag {tag}");
+            }
+        }
+    }
+}
