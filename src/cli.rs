@@ -193,7 +193,8 @@ async fn execute(command: Command, app: App) -> Result<()> {
     // The worker logs per its settings; one-shot commands print their own
     // results and log only problems (the demo only errors: it narrates).
     let filter = match command {
-        Command::Run => settings.log.filter.clone(),
+        // `drain` is the worker too (an on-demand run): it logs like `run`.
+        Command::Run | Command::Drain { .. } => settings.log.filter.clone(),
         #[cfg(feature = "postgres")]
         Command::Outbox {
             action: OutboxAction::Relay,

@@ -222,7 +222,17 @@ impl Worker {
                 }
             }
         };
-        publisher.close().await;
+        // Every session has drained, so no publish is in flight: this only
+        // closes channels and the connection, bounded like the consumer's.
+        if tokio::time::timeout(CLOSE_TIMEOUT, publisher.close())
+            .await
+            .is_err()
+        {
+            warn!(
+                timeout = %humantime::format_duration(CLOSE_TIMEOUT),
+                "the broker did not answer the publisher's close; dropping its connection"
+            );
+        }
         info!(
             settled = report.settled,
             abandoned = report.abandoned,
@@ -352,22 +362,39 @@ impl Worker {
             }
         };
         let shutting_down = lost_reason.is_none();
+        // The whole drain, basic.cancel included, fits in the shutdown timeout.
+        let timeout = settings.consumer.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         if shutting_down {
             self.state.send_replace(WorkerState::Draining);
             self.metrics.set_connected(false);
             info!("shutting down: no new deliveries; waiting for in-flight handlers");
             if channel.status().connected()
                 && let Ok(tag) = wire::short_string("consumer tag", &tag)
-                && let Err(e) = channel
-                    .basic_cancel(tag, BasicCancelOptions::default())
-                    .await
             {
-                warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
+                // A broker that went silent never answers; waiting for the
+                // heartbeat to notice (2 × amqp.heartbeat) would outlast a
+                // container's termination grace period.
+                match tokio::time::timeout_at(
+                    deadline,
+                    channel.basic_cancel(tag, BasicCancelOptions::default()),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
+                    }
+                    Err(_) => {
+                        warn!(
+                            "basic.cancel got no answer within the shutdown timeout; closing the channel returns unstarted deliveries anyway"
+                        );
+                    }
+                }
             }
             shared.shutdown.cancel();
         }
-        let deadline = settings.consumer.shutdown_timeout;
-        let drained = tokio::time::timeout(deadline, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             while let Some(done) = tasks.join_next().await {
                 report.settled += u64::from(done.is_ok());
             }
@@ -385,7 +412,7 @@ impl Worker {
             report.abandoned += abandoned;
             warn!(
                 abandoned,
-                timeout = %humantime::format_duration(deadline),
+                timeout = %humantime::format_duration(timeout),
                 "handlers still running at the deadline were stopped without ack; their deliveries will be redelivered"
             );
         }
@@ -431,12 +458,26 @@ fn reconnect_backoff() -> impl Iterator<Item = std::time::Duration> {
     )
 }
 
+/// How long closing the channel and connections may wait for the broker's
+/// close-ok. A silent broker (a partitioned network) would otherwise hold the
+/// worker until the heartbeat gives up; dropping the connection instead lets
+/// the broker requeue whatever was not acked when it notices.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn close(channel: &Channel, conn: &Connection) {
-    if channel.status().connected() {
-        let _ = channel.close(200, "worker stopping".into()).await;
-    }
-    if conn.status().connected() {
-        let _ = conn.close(200, "worker stopping".into()).await;
+    let closing = async {
+        if channel.status().connected() {
+            let _ = channel.close(200, "worker stopping".into()).await;
+        }
+        if conn.status().connected() {
+            let _ = conn.close(200, "worker stopping".into()).await;
+        }
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        warn!(
+            timeout = %humantime::format_duration(CLOSE_TIMEOUT),
+            "the broker did not answer the close; dropping the connection"
+        );
     }
 }
 
