@@ -1,0 +1,500 @@
+//! The `burrow` binary with the app's handler modules (`handlers/`), run as
+//! operators run it: configured through `BURROW__*` variables with an app
+//! name and exchange of its own, stopped with SIGTERM, probed over HTTP.
+//!
+//! Which message a run handled is read from its JSON log: the consumer's
+//! debug line "handled" carries the delivery span's `message_id`.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use burrow::{EventMeta, Publisher, Settings};
+use common::{node::free_port, proxy::Proxy, *};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_burrow");
+
+/// One app run by the binary.
+struct BinApp {
+    /// The same app as the binary sees it (queue names, cleanup, publishing).
+    settings: Settings,
+    env: Vec<(String, String)>,
+    http: SocketAddr,
+    logs: PathBuf,
+}
+
+impl BinApp {
+    /// An app on the shared broker, or on `url` (e.g. through a proxy).
+    fn new(prefix: &str, url: Option<String>) -> Self {
+        let mut settings = TestApp::new(prefix).delays_ms(&[300]).build();
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        settings.http.addr = Some(http);
+        let env = vec![
+            ("BURROW__AMQP__URL".to_owned(), url.unwrap_or_else(amqp_url)),
+            ("BURROW__APP__NAME".into(), settings.app.name.clone()),
+            (
+                "BURROW__AMQP__EXCHANGE".into(),
+                settings.amqp.exchange.clone(),
+            ),
+            ("BURROW__RETRY__DELAYS".into(), "300ms".into()),
+            ("BURROW__HTTP__ADDR".into(), http.to_string()),
+            ("BURROW__LOG__FORMAT".into(), "json".into()),
+            (
+                "BURROW__LOG__FILTER".into(),
+                "info,burrow::consumer=debug,lapin=error".into(),
+            ),
+            (
+                "BURROW_CONFIG_DIR".into(),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config").into(),
+            ),
+        ];
+        let logs = std::env::temp_dir().join(unique("burrow-binary"));
+        std::fs::create_dir_all(&logs).expect("log directory");
+        Self {
+            settings,
+            env,
+            http,
+            logs,
+        }
+    }
+
+    fn with(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `burrow <args>` to the end: (exit code, stdout + stderr).
+    async fn run(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = within(&format!("burrow {args:?}"), self.command(args).output())
+            .await
+            .expect("burrow runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// Spawns `burrow <args>` logging to a file (a pipe nobody reads while
+    /// the process runs could fill up and block it). Killed when dropped.
+    fn spawn(&self, args: &[&str], log: &str) -> (Child, PathBuf) {
+        let path = self.logs.join(log);
+        let file = std::fs::File::create(&path).expect("log file");
+        let child = self
+            .command(args)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("burrow starts");
+        (child, path)
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path).await
+    }
+
+    async fn wait_ready(&self) {
+        within("/readyz to answer 200", async {
+            while self.get("/readyz").await.0 != 200 {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for BinApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// `GET path`: the status code and body (0 when nothing answers).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    match burrow::http::probe(addr, path).await {
+        Ok(body) => (200, body),
+        Err(e) => {
+            let text = e.to_string();
+            let code = text
+                .split("HTTP/1.")
+                .nth(1)
+                .and_then(|s| s.get(2..5))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            (code, text)
+        }
+    }
+}
+
+/// Sums the samples of `name` whose labels include every pair of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|line| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("unparsable sample: {line}"))
+        })
+        .sum()
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("the child runs") as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM to burrow");
+}
+
+async fn exit_code(child: &mut Child, what: &str) -> Option<i32> {
+    within(what, child.wait())
+        .await
+        .expect("waiting for burrow")
+        .code()
+}
+
+/// The message ids a run's JSON log says were handled (settled by acking),
+/// in order.
+fn handled_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["fields"]["message"] == "handled")
+        .map(|entry| {
+            entry["spans"]
+                .as_array()
+                .and_then(|spans| {
+                    spans
+                        .iter()
+                        .find_map(|s| s.get("message_id").and_then(|id| id.as_str()))
+                })
+                .unwrap_or_else(|| panic!("a handled line without a message id: {entry}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `settled` of the run's "worker stopped" line.
+fn settled(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|entry| entry["fields"]["message"] == "worker stopped")
+        .and_then(|entry| entry["fields"]["settled"].as_u64())
+        .unwrap_or_else(|| panic!("no 'worker stopped' line in:\n{log}"))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).expect("read the log")
+}
+
+/// A card the feeds and notifications modules both handle; an empty
+/// `user_id` makes feeds fail for good.
+fn card(i: usize, user_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "aggregateId": format!("card-{i}"),
+        "userId": user_id,
+        "libraryId": "library-1",
+    })
+}
+
+async fn publish_cards(publisher: &Publisher, ids: &[String]) {
+    let bodies: Vec<serde_json::Value> = (0..ids.len()).map(|i| card(i, "user-ada")).collect();
+    let publishes = ids.iter().zip(&bodies).map(|(id, body)| {
+        publisher.publish_json(
+            "CardAddedToLibraryEvent",
+            body,
+            EventMeta {
+                message_id: Some(id.clone()),
+                ..EventMeta::default()
+            },
+        )
+    });
+    for result in within(
+        "the cards to be confirmed",
+        futures_util::future::join_all(publishes),
+    )
+    .await
+    {
+        result.expect("a confirmed publish");
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_acks_each_handled_message_once_and_drain_finishes_the_rest() {
+    const N: usize = 3000;
+    let app = BinApp::new("sigterm", None);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let (code, out) = app.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(0), "topology apply: {out}");
+
+    let ids: Vec<String> = (0..N).map(|i| format!("m-{i}")).collect();
+    let publisher = publisher(&app.settings).await;
+    publish_cards(&publisher, &ids).await;
+    publisher.close().await;
+
+    let (mut worker, log) = app.spawn(&["run"], "run.log");
+    app.wait_ready().await;
+    // Under load: stop it while deliveries stream in.
+    within("deliveries to flow", async {
+        loop {
+            let (_, text) = app.get("/metrics").await;
+            if metric(&text, "burrow_deliveries_total", &[]) >= 200.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    sigterm(&worker);
+    assert_eq!(
+        exit_code(&mut worker, "burrow run to stop on SIGTERM").await,
+        Some(0),
+        "a graceful stop exits 0:\n{}",
+        read(&log)
+    );
+    let first_log = read(&log);
+    let first = handled_ids(&first_log);
+    let first_set: HashSet<&String> = first.iter().collect();
+    assert_eq!(
+        first_set.len(),
+        first.len(),
+        "a message handled twice in one run"
+    );
+    assert_eq!(
+        settled(&first_log),
+        first.len() as u64,
+        "every settled delivery was a handled one"
+    );
+    assert!(
+        !first.is_empty() && first.len() < N,
+        "SIGTERM landed mid-load: handled {} of {N}",
+        first.len()
+    );
+
+    // Everything handled was acked: exactly the rest is back in the queue.
+    let raw = Raw::connect().await;
+    let queue = app.settings.app_queue();
+    assert_eq!(
+        raw.message_count(&queue).await as usize,
+        N - first.len(),
+        "ready messages after the stop"
+    );
+
+    // `burrow drain` consumes the rest and exits 0 once the queue is empty.
+    let (code, drain_log) = app.run(&["drain", "--idle", "1s"]).await;
+    assert_eq!(code, Some(0), "drain:\n{drain_log}");
+    let second = handled_ids(&drain_log);
+    let second_set: HashSet<&String> = second.iter().collect();
+    assert_eq!(
+        second_set.len(),
+        second.len(),
+        "a message handled twice in the drain"
+    );
+    let again: Vec<&&String> = first_set.intersection(&second_set).collect();
+    assert!(
+        again.is_empty(),
+        "{} messages the first run handled (and acked) were delivered again: {again:?}",
+        again.len()
+    );
+    assert_eq!(
+        first.len() + second.len(),
+        N,
+        "every message handled exactly once"
+    );
+    assert_eq!(raw.message_count(&queue).await, 0);
+    assert_eq!(
+        raw.message_count(&app.settings.dead_letter_queue()).await,
+        0
+    );
+    eprintln!(
+        "SIGTERM after {} of {N}; drain handled the other {}",
+        first.len(),
+        second.len()
+    );
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reports_metrics_readiness_and_liveness_through_an_outage_and_a_shutdown() {
+    let proxy = Proxy::start(common::proxy::shared_broker_addr()).await;
+    let app =
+        BinApp::new("endpoint", Some(proxy.url())).with("BURROW__CONSUMER__SHUTDOWN_TIMEOUT", "2s");
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let (code, out) = app.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(0), "topology apply: {out}");
+    let (mut worker, log) = app.spawn(&["run"], "run.log");
+    app.wait_ready().await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+
+    // One card both modules handle, one that feeds rejects for good.
+    let publisher = publisher(&app.settings).await;
+    let good = card(1, "user-ada");
+    let bad = card(2, " ");
+    for (id, body) in [("m-good", &good), ("m-bad", &bad)] {
+        publisher
+            .publish_json(
+                "CardAddedToLibraryEvent",
+                body,
+                EventMeta {
+                    message_id: Some(id.into()),
+                    ..EventMeta::default()
+                },
+            )
+            .await
+            .expect("confirmed");
+    }
+    publisher.close().await;
+    let text = within("both deliveries to settle", async {
+        loop {
+            let (_, text) = app.get("/metrics").await;
+            if metric(&text, "burrow_dead_letters_total", &[]) >= 1.0
+                && metric(&text, "burrow_handler_runs_total", &[]) >= 4.0
+                && metric(&text, "burrow_in_flight", &[]) == 0.0
+            {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let event = ("event", "CardAddedToLibraryEvent");
+    let queue = app.settings.app_queue();
+    assert_eq!(
+        metric(
+            &text,
+            "burrow_deliveries_total",
+            &[("queue", &queue), event]
+        ),
+        2.0,
+        "{text}"
+    );
+    for (handler, outcome, n) in [
+        ("feeds.add_card_to_feed", "ok", 1.0),
+        ("feeds.add_card_to_feed", "dead", 1.0),
+        ("notifications.notify_library_followers", "ok", 2.0),
+    ] {
+        assert_eq!(
+            metric(
+                &text,
+                "burrow_handler_runs_total",
+                &[("handler", handler), ("outcome", outcome)]
+            ),
+            n,
+            "{handler} {outcome}\n{text}"
+        );
+    }
+    assert_eq!(metric(&text, "burrow_handler_runs_total", &[]), 4.0);
+    assert_eq!(
+        metric(
+            &text,
+            "burrow_dead_letters_total",
+            &[("queue", &queue), ("reason", "permanent")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "burrow_retries_total", &[]), 0.0);
+    assert_eq!(
+        metric(&text, "burrow_publishes_total", &[("outcome", "confirmed")]),
+        1.0,
+        "the dead letter's copy"
+    );
+    assert_eq!(metric(&text, "burrow_connected", &[]), 1.0);
+    let raw = Raw::connect().await;
+    assert_eq!(
+        raw.message_count(&app.settings.dead_letter_queue()).await,
+        1
+    );
+    raw.close().await;
+
+    // The broker goes away: not ready, but alive (a restart would not help).
+    proxy.refuse(true);
+    proxy.cut();
+    within("/readyz to report reconnecting", async {
+        loop {
+            let (code, body) = app.get("/readyz").await;
+            if code == 503 {
+                assert!(body.contains("reconnecting"), "{body}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (code, body) = app.get("/healthz").await;
+    assert_eq!(code, 200, "reconnecting is alive: {body}");
+    let (_, text) = app.get("/metrics").await;
+    assert_eq!(metric(&text, "burrow_connected", &[]), 0.0);
+    proxy.refuse(false);
+    app.wait_ready().await;
+
+    // SIGTERM while the network is silent: draining is reported, and the
+    // stop is bounded by the shutdown timeout, not by the heartbeat.
+    proxy.blackhole(true);
+    sigterm(&worker);
+    within("/readyz to report draining", async {
+        loop {
+            let (code, body) = app.get("/readyz").await;
+            if code == 503 {
+                assert!(body.contains("draining"), "{body}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // basic.cancel gets no answer through the blackhole: the worker stays
+    // in the drain until the shutdown timeout, alive all along.
+    let (code, body) = app.get("/healthz").await;
+    assert_eq!(code, 200, "draining is alive: {body}");
+    let code = exit_code(&mut worker, "burrow run to stop with the network silent").await;
+    proxy.blackhole(false);
+    assert_eq!(code, Some(0), "{}", read(&log));
+    assert_eq!(
+        http_get(app.http, "/healthz").await.0,
+        0,
+        "the endpoint is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_exits_0_when_the_queue_is_already_empty() {
+    let app = BinApp::new("drain-empty", None);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let (code, out) = app.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(0), "topology apply: {out}");
+    let (code, out) = app.run(&["drain", "--idle", "1s"]).await;
+    assert_eq!(code, Some(0), "drain: {out}");
+    assert!(out.contains("draining done"), "{out}");
+    assert!(handled_ids(&out).is_empty());
+}
