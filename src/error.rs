@@ -30,6 +30,19 @@ pub enum Error {
         source: lapin::Error,
     },
 
+    /// The TLS handshake with the broker was refused on certificate grounds
+    /// (the broker's certificate is not trusted, or the broker wants a
+    /// client certificate it does not get or trust).
+    #[error("TLS handshake with RabbitMQ at {url} failed: {reason}. Fix: {fix}")]
+    Tls {
+        /// The redacted broker URL.
+        url: String,
+        /// What the TLS library reported.
+        reason: String,
+        /// What to change (names the `amqp.tls` key).
+        fix: String,
+    },
+
     /// An AMQP operation failed on an open connection.
     #[error("AMQP {operation} failed: {source}")]
     Amqp {
@@ -245,6 +258,8 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. } => true,
+            // Certificates do not change by themselves: a person must act.
+            Error::Tls { .. } => false,
             Error::Amqp { source, .. } => amqp_retryable(source),
             Error::Nacked { .. } => true,
             Error::ConfirmTimeout { .. } => true,
