@@ -2,6 +2,8 @@
 CARGO ?= cargo
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 export AMQP_URL
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+export DATABASE_URL
 
 # Lock dependencies to Cargo.lock whenever it exists.
 LOCKED := $(if $(wildcard Cargo.lock),--locked,)
@@ -14,10 +16,14 @@ help: ## list the targets
 broker: ## make sure a RabbitMQ broker answers on AMQP_URL
 	bash scripts/ensure-broker.sh
 
+.PHONY: postgres
+postgres: ## make sure PostgreSQL answers on DATABASE_URL and its database exists
+	bash scripts/ensure-postgres.sh
+
 demo: broker ## run the end-to-end demo against the broker
 	$(CARGO) run --quiet --release -- demo
 
-test: broker ## run every test target with every feature, then the doc tests
+test: broker postgres ## run every test target with every feature (postgres included), then the doc tests
 	$(CARGO) test $(LOCKED) --all-features --all-targets
 	$(CARGO) test $(LOCKED) --all-features --doc
 
