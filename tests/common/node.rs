@@ -320,10 +320,6 @@ kill -KILL 0"#;
         let mut child = command.spawn().expect("spawn rabbitmq-server");
         self.lifeline = child.stdin.take();
         self.watchdog = Some(child);
-        write_file(
-            &dir.join("pgid"),
-            &self.watchdog.as_ref().expect("watchdog").id().to_string(),
-        );
     }
 
     async fn launch_and_wait(&mut self) -> Result<(), String> {
@@ -513,6 +509,18 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// Processes whose working directory is `dir`.
+fn processes_in(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
+}
+
 /// Removes the directories of nodes whose test process is gone, killing
 /// whatever of them survived. Runs once per test process.
 fn sweep_stale_nodes() {
@@ -534,30 +542,13 @@ fn sweep_stale_nodes() {
             if owner.is_some_and(process_alive) || (owner.is_none() && young) {
                 continue;
             }
-            let pgid = std::fs::read_to_string(dir.join("pgid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            if let Some(pgid) = pgid {
-                let cmdline = std::fs::read(format!("/proc/{pgid}/cmdline")).unwrap_or_default();
-                let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy());
-                if ours {
-                    // SAFETY: signals a process group whose leader's command
-                    // line names this node directory.
-                    unsafe {
-                        libc::kill(-pgid, libc::SIGKILL);
-                    }
-                }
-            }
-            if let Some(beam) = std::fs::read_to_string(dir.join("pid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                let cwd = std::fs::read_link(format!("/proc/{beam}/cwd")).ok();
-                if cwd.as_deref() == Some(dir.as_path()) {
-                    // SAFETY: the process runs in this node's directory.
-                    unsafe {
-                        libc::kill(beam, libc::SIGKILL);
-                    }
+            // The watchdog, the node and any CLI run in the node's
+            // directory: whatever still does belongs to this node.
+            for pid in processes_in(&dir) {
+                // SAFETY: kill(2) on a process whose working directory is
+                // this stale node's directory.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
                 }
             }
             let _ = std::fs::remove_dir_all(&dir);
