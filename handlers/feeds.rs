@@ -2,7 +2,11 @@
 //! followers' activity feed.
 //!
 //! Delivery is at least once, so the handler is idempotent: a feed item is
-//! keyed by the message id and a redelivery adds nothing.
+//! keyed by the message id and a redelivery adds nothing. With the
+//! `postgres` feature and `postgres.url` set, feed items go to the
+//! `feed_items` table through burrow's inbox: the item and the inbox row
+//! commit together, so a redelivery finds the row and writes nothing. Without
+//! a database (and in the unit tests) they stay in memory.
 
 use std::sync::{Arc, Mutex};
 
@@ -70,8 +74,11 @@ impl FeedStore {
 /// Adds the card to the curator's feed.
 #[derive(Debug, Clone, Default)]
 pub struct AddCardToFeed {
-    /// Where feed items go.
+    /// Where feed items go without a database.
     pub store: FeedStore,
+    /// With `postgres.url` set: the inbox of the app's database.
+    #[cfg(feature = "postgres")]
+    pub inbox: Option<burrow::inbox::Inbox>,
 }
 
 impl Handler for AddCardToFeed {
@@ -81,7 +88,11 @@ impl Handler for AddCardToFeed {
         "feeds.add_card_to_feed"
     }
 
-    async fn handle(&self, event: CardAddedToLibraryEvent, ctx: Context) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: CardAddedToLibraryEvent,
+        ctx: Context,
+    ) -> Result<(), HandlerError> {
         if event.user_id.trim().is_empty() {
             // No retry can make an anonymous curator known.
             return Err(HandlerError::permanent(format!(
@@ -89,11 +100,18 @@ impl Handler for AddCardToFeed {
                 event.aggregate_id
             )));
         }
-        let added = self.store.add(FeedItem {
+        let item = FeedItem {
             message_id: ctx.message_id.clone(),
             user_id: event.user_id,
             card_id: event.aggregate_id,
-        });
+        };
+        #[cfg(feature = "postgres")]
+        if let Some(inbox) = &self.inbox {
+            let added = postgres::add(inbox, &ctx, &item).await?;
+            tracing::info!(added, "feed updated");
+            return Ok(());
+        }
+        let added = self.store.add(item);
         tracing::info!(added, "feed updated");
         Ok(())
     }
@@ -101,8 +119,74 @@ impl Handler for AddCardToFeed {
 
 /// Registers the feeds handlers.
 pub fn register(registry: &mut Registry) -> burrow::Result<()> {
-    registry.add(AddCardToFeed::default())?;
+    registry.add(AddCardToFeed {
+        #[cfg(feature = "postgres")]
+        inbox: postgres::configured_inbox()?,
+        ..AddCardToFeed::default()
+    })?;
     Ok(())
+}
+
+/// Feed items in PostgreSQL, once per message through the inbox.
+#[cfg(feature = "postgres")]
+mod postgres {
+    use burrow::{Context, HandlerError, ResultExt, inbox::Inbox};
+    use tokio::sync::OnceCell;
+
+    use super::FeedItem;
+
+    /// An inbox on `postgres.url` when it is set (connecting on first use).
+    pub(super) fn configured_inbox() -> burrow::Result<Option<Inbox>> {
+        let settings = burrow::Settings::load()?;
+        if settings.postgres.url.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Inbox::new(burrow::outbox::connect_lazy(
+            &settings.postgres,
+        )?)))
+    }
+
+    /// Adds the item unless this handler already handled this message;
+    /// `Ok(false)` for a redelivery.
+    pub(super) async fn add(
+        inbox: &Inbox,
+        ctx: &Context,
+        item: &FeedItem,
+    ) -> Result<bool, HandlerError> {
+        // A real app creates its tables in its own migrations; the reference
+        // module makes sure of burrow's and its own once per process.
+        static TABLES: OnceCell<()> = OnceCell::const_new();
+        TABLES
+            .get_or_try_init(|| async {
+                burrow::outbox::migrate(inbox.pool())
+                    .await
+                    .map_err(Inbox::handler_error)?;
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS feed_items (
+                         message_id TEXT PRIMARY KEY,
+                         user_id    TEXT NOT NULL,
+                         card_id    TEXT NOT NULL,
+                         added_at   TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .execute(inbox.pool())
+                .await
+                .transient()?;
+                Ok::<_, HandlerError>(())
+            })
+            .await?;
+        let Some(mut tx) = inbox.begin(ctx).await.map_err(Inbox::handler_error)? else {
+            return Ok(false);
+        };
+        sqlx::query("INSERT INTO feed_items (message_id, user_id, card_id) VALUES ($1, $2, $3)")
+            .bind(&item.message_id)
+            .bind(&item.user_id)
+            .bind(&item.card_id)
+            .execute(&mut *tx)
+            .await
+            .transient()?;
+        tx.commit().await.transient()?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -123,7 +207,10 @@ mod tests {
     async fn adds_the_card_once_per_message() {
         let handler = AddCardToFeed::default();
         let ctx = Context::for_test(CardAddedToLibraryEvent::EVENT_TYPE, handler.name());
-        handler.handle(event("user-ada"), ctx.clone()).await.unwrap();
+        handler
+            .handle(event("user-ada"), ctx.clone())
+            .await
+            .unwrap();
         handler.handle(event("user-ada"), ctx).await.unwrap();
         let items = handler.store.items();
         assert_eq!(items.len(), 1, "a redelivery must not add a second item");
