@@ -44,3 +44,7 @@ fuzz: ## fuzz the decode and header path (FUZZ_SECONDS, default 60)
 .PHONY: bench
 bench: broker ## benchmark burrow against a hand-written lapin loop (N=20000 make bench for a quick run)
 	bash scripts/bench.sh
+
+.PHONY: faults
+faults: broker ## fault injection: events lost / handled twice under kills, broker crashes, partitions, alarms (FAULTS_N=20000 FAULTS_KILLS=5)
+	$(CARGO) test $(LOCKED) --all-features --test faults -- --ignored --test-threads=1 --nocapture --skip fault_worker_child
