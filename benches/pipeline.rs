@@ -5,7 +5,8 @@
 //!
 //! The `reference/*` group is what a hand-written lapin loop does between
 //! receiving a delivery and acking it (serde decode, call the handler), so
-//! the pipeline's own cost is the difference.
+//! the pipeline's own cost is the difference. `ack_window/*` is the
+//! bookkeeping behind coalesced acks, per prefetch window of 64 deliveries.
 //!
 //! ```text
 //! cargo bench --bench pipeline
@@ -16,6 +17,7 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 
 use burrow::{
     Context, DomainEvent, HandlerError, Pipeline, Registry, RetryLadder, Settlement,
+    ack::AckWindow,
     wire::{Incoming, headers},
 };
 use chrono::{DateTime, Utc};
@@ -269,11 +271,56 @@ fn bench_process(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_ack_window(c: &mut Criterion) {
+    const WINDOW: u64 = 64;
+    let now = tokio::time::Instant::now();
+    let hold = burrow::ack::HOLD;
+    let mut g = c.benchmark_group("ack_window");
+    // Settled in order, flushed once: one batch of 64.
+    g.bench_function("64_in_order", |b| {
+        let (mut batch, mut singles) = (Vec::new(), Vec::new());
+        b.iter(|| {
+            let mut w = AckWindow::default();
+            for tag in 1..=WINDOW {
+                w.received(tag);
+            }
+            for tag in 1..=WINDOW {
+                w.settled(tag, Some(tag), now).unwrap();
+            }
+            w.take(now, hold, false, &mut batch, &mut singles);
+            let n = batch.len();
+            batch.clear();
+            black_box(n)
+        })
+    });
+    // Settled in pairs out of order, flushed after every settlement.
+    g.bench_function("64_shuffled_flush_each", |b| {
+        let (mut batch, mut singles) = (Vec::new(), Vec::new());
+        b.iter(|| {
+            let mut w = AckWindow::default();
+            for tag in 1..=WINDOW {
+                w.received(tag);
+            }
+            let mut frames = 0;
+            for pair in (1..=WINDOW).step_by(2) {
+                for tag in [pair + 1, pair] {
+                    w.settled(tag, Some(tag), now).unwrap();
+                    w.take(now, hold, false, &mut batch, &mut singles);
+                    frames += usize::from(!batch.is_empty());
+                    batch.clear();
+                }
+            }
+            black_box(frames)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_incoming, bench_process
+    targets = bench_incoming, bench_process, bench_ack_window
 }
 criterion_main!(benches);

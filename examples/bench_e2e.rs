@@ -194,6 +194,9 @@ struct Spec {
     tracing: bool,
     /// Baseline only: spawn each ack instead of awaiting it in the loop.
     ack_spawn: bool,
+    /// burrow only: `publisher.channels` (default: burrow's default).
+    #[serde(default)]
+    channels: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -576,6 +579,9 @@ fn burrow_settings(spec: &Spec) -> Settings {
     s.http.addr = None;
     s.consumer.prefetch = spec.prefetch;
     s.publisher.max_in_flight = spec.window;
+    if let Some(channels) = spec.channels {
+        s.publisher.channels = channels;
+    }
     s
 }
 
@@ -1142,6 +1148,7 @@ struct Config {
     prefetch: u16,
     tracing: bool,
     ack_spawn: bool,
+    channels: Option<usize>,
     out: PathBuf,
     timeout_secs: u64,
     /// `scenario:side` pairs whose runs go under `perf record` (not reported).
@@ -1205,6 +1212,10 @@ impl Config {
                 Ok("await") | Err(_) => false,
                 Ok(other) => panic!("BASELINE_ACK={other} is not valid (await, spawn)"),
             },
+            channels: std::env::var("PUB_CHANNELS")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.trim().parse().expect("PUB_CHANNELS is a number")),
             perf: std::env::var("PERF")
                 .unwrap_or_default()
                 .split(',')
@@ -1251,6 +1262,7 @@ impl Parent {
             timeout_secs: self.cfg.timeout_secs,
             tracing: self.cfg.tracing,
             ack_spawn: self.cfg.ack_spawn,
+            channels: self.cfg.channels,
         }
     }
 
@@ -1535,6 +1547,11 @@ fn report(results: &[RunResult], cfg: &Config) -> String {
                 "broker CPU, s per 10k msgs",
                 3,
                 Box::new(|r| r.broker_cpu_per_10k),
+            ),
+            (
+                "client + broker CPU, s per 10k msgs",
+                3,
+                Box::new(|r| r.broker_cpu_per_10k.map(|b| b + r.cpu_per_10k)),
             ),
             (
                 "other processes' CPU during the run, s",

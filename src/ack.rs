@@ -215,7 +215,7 @@ impl Acks {
 
     /// The delivery's settlement is complete (its copies confirmed): ack it.
     /// The outcome, if any, is broadcast once the ack frame is sent.
-    pub(crate) async fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
+    pub(crate) fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
         let waiting = Waiting { acker, outcome };
         let refused = self
             .state()
@@ -231,8 +231,11 @@ impl Acks {
                     "delivery missing from the ack window; acking it on its own"
                 );
                 if let Some(w) = waiting {
-                    let acked = send_ack(&w.acker, false, 1).await;
-                    broadcast_outcome(&self.inner.outcomes, w.outcome, acked);
+                    let inner = self.inner.clone();
+                    tokio::spawn(async move {
+                        let acked = send_ack(&w.acker, false, 1).await;
+                        broadcast_outcome(&inner.outcomes, w.outcome, acked);
+                    });
                 }
             }
         }

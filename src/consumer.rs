@@ -610,7 +610,7 @@ impl Shared {
             let outcome = (self.outcomes.receiver_count() > 0).then(|| outcome(&processed, moved));
             if moved {
                 // Acked by the settler, with the deliveries around it.
-                self.acks.ready(delivery_tag, acker, outcome).await;
+                self.acks.ready(delivery_tag, acker, outcome);
             } else {
                 self.acks.returned(delivery_tag);
                 if let Some(o) = outcome {
@@ -714,7 +714,9 @@ impl Shared {
         );
         let props = copy_properties(incoming, properties, extra, self.pipeline.header_budget());
         info!(step = r.step.number, delay = %humantime::format_duration(r.step.delay), handlers = ?r.handlers, errors = ?r.errors, "retrying");
-        self.publisher.send("", &r.step.queue, body, props).await
+        // Boxed: the send future is large and only this cold path needs it;
+        // inline it would grow every delivery task by its size.
+        Box::pin(self.publisher.send("", &r.step.queue, body, props)).await
     }
 
     async fn forward_dead(
@@ -744,7 +746,7 @@ impl Shared {
         );
         let props = copy_properties(incoming, properties, extra, self.pipeline.header_budget());
         warn!(reason = %d.reason, handlers = ?d.handlers, errors = ?d.errors, "dead-lettering");
-        self.publisher.send("", &self.dead_queue, body, props).await
+        Box::pin(self.publisher.send("", &self.dead_queue, body, props)).await
     }
 }
 
