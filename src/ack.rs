@@ -44,6 +44,11 @@ use crate::consumer::Outcome;
 /// before it is acked on its own.
 pub const HOLD: Duration = Duration::from_millis(10);
 
+/// How long writing one ack frame may take before the settler gives up on
+/// it. A healthy connection writes it in microseconds; an unacked delivery
+/// is redelivered, so giving up early is safe, hanging is not.
+pub const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 enum Slot<P> {
     /// Received, settlement not finished: no ack may cover this tag yet.
@@ -336,7 +341,21 @@ fn broadcast_outcome(outcomes: &broadcast::Sender<Outcome>, outcome: Option<Outc
 /// when the channel closed first (the acker is poisoned): the broker then
 /// redelivers every message the ack would have covered.
 async fn send_ack(acker: &Acker, multiple: bool, count: u64) -> bool {
-    match acker.ack(BasicAckOptions { multiple }).await {
+    // lapin resolves an ack once its frame is written. Should the connection
+    // die with the frame on its way and the future never resolve, an
+    // unbounded wait would stall this settler, and with it `Acks::finish`:
+    // the session would never end and the worker never reconnect (seen in
+    // the fault suite after a network cut and a broker kill -9).
+    let sent = tokio::time::timeout(ACK_WRITE_TIMEOUT, acker.ack(BasicAckOptions { multiple }));
+    let Ok(result) = sent.await else {
+        warn!(
+            count,
+            timeout = ?ACK_WRITE_TIMEOUT,
+            "ack not written in time (the connection is probably gone); the broker will redeliver these messages"
+        );
+        return false;
+    };
+    match result {
         Ok(true) => true,
         Ok(false) => {
             warn!(
