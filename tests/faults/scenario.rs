@@ -52,7 +52,8 @@ impl Profile {
 }
 
 /// A scenario's files (ledger, worker logs) under `target/faults/<app>`.
-/// Kept when the scenario fails, removed when it passes.
+/// Kept when the scenario fails (or `FAULTS_KEEP` is set), removed when it
+/// passes.
 #[derive(Debug)]
 pub struct Workspace {
     pub dir: PathBuf,
@@ -87,7 +88,7 @@ impl Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        if self.passed {
+        if self.passed && std::env::var_os("FAULTS_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("scenario files kept in {}", self.dir.display());
