@@ -210,13 +210,16 @@ async fn execute(command: Command, app: App) -> Result<()> {
             let mut registry = Registry::new();
             (app.register)(&mut registry)?;
             let worker = Worker::new(settings.clone(), registry)?;
+            // With postgres.url: wait for the database (retrying), then the
+            // inbox cleanup and, with outbox.enabled, the relay run beside the worker.
             #[cfg(feature = "postgres")]
-            let relay = outbox::start_beside_worker(&settings, worker.metrics()).await?;
+            let Some(beside) = outbox::start_beside_worker(&settings, worker.metrics()).await?
+            else {
+                return Ok(()); // stopped while waiting for the database
+            };
             let result = run_with_http(worker, shutdown_signal()).await;
             #[cfg(feature = "postgres")]
-            if let Some(relay) = relay {
-                relay.stop().await;
-            }
+            beside.stop().await;
             result
         }
         Command::Drain { idle } => {
@@ -326,15 +329,17 @@ async fn execute(command: Command, app: App) -> Result<()> {
     }
 }
 
-/// `burrow outbox ...` and the relay inside `burrow run`.
+/// `burrow outbox ...`, and the database work inside `burrow run`.
 #[cfg(feature = "postgres")]
 mod outbox {
+    use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
 
     use super::{OutboxAction, shutdown_signal};
-    use crate::{Error, Metrics, Publisher, Result, Settings, outbox};
+    use crate::{Error, Metrics, Publisher, Result, Settings, WorkerState, inbox::Inbox, outbox};
 
-    /// Connects to postgres.url and, with postgres.migrate, applies the migrations.
+    /// Connects to postgres.url once and, with `migrate`, applies the
+    /// migrations: the one-shot commands report a failure instead of waiting.
     async fn database(settings: &Settings, migrate: bool) -> Result<sqlx::PgPool> {
         let pool = outbox::connect(&settings.postgres).await?;
         if migrate {
@@ -343,87 +348,158 @@ mod outbox {
         Ok(pool)
     }
 
-    /// The relay running beside the worker in `burrow run`.
-    pub(super) struct BesideWorker {
+    /// `/healthz`, `/readyz` and `/metrics` on http.addr, answering from `state`.
+    struct Endpoint {
         stop: CancellationToken,
         task: tokio::task::JoinHandle<Result<()>>,
-        publisher: Publisher,
+    }
+
+    impl Endpoint {
+        async fn start(
+            settings: &Settings,
+            metrics: Metrics,
+            state: watch::Receiver<WorkerState>,
+        ) -> Result<Option<Self>> {
+            let Some(addr) = settings.http.addr else {
+                return Ok(None);
+            };
+            let router =
+                crate::http::router(metrics, state, settings.publisher.confirm_timeout * 2);
+            let listener = crate::http::bind(addr).await?;
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(crate::http::serve(listener, router, {
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            }));
+            Ok(Some(Self { stop, task }))
+        }
+
+        /// Stops serving; the port is free when this returns.
+        async fn stop(self) {
+            self.stop.cancel();
+            if let Ok(Err(e)) = self.task.await {
+                tracing::warn!(error = %e, "http endpoint stopped with an error");
+            }
+        }
+    }
+
+    /// What runs beside the worker in `burrow run` when postgres.url is set:
+    /// the inbox retention cleanup and, with outbox.enabled, the relay.
+    pub(super) struct BesideWorker {
+        stop: CancellationToken,
+        tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+        publisher: Option<Publisher>,
     }
 
     impl BesideWorker {
         /// Lets the batch in progress finish, then closes the publisher.
         pub(super) async fn stop(self) {
             self.stop.cancel();
-            match self.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "outbox relay stopped with an error"),
-                Err(e) => tracing::warn!(error = %e, "outbox relay task failed"),
+            for task in self.tasks {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "outbox relay stopped with an error"),
+                    Err(e) => tracing::warn!(error = %e, "outbox task failed"),
+                }
             }
-            self.publisher.close().await;
+            if let Some(publisher) = self.publisher {
+                publisher.close().await;
+            }
         }
     }
 
-    /// With postgres.url set: migrate (postgres.migrate), so handlers can use
-    /// the inbox; with outbox.enabled too: start the relay, recording into
-    /// the worker's metrics.
+    /// With postgres.url set: wait for the database, retrying transient
+    /// failures (with `/readyz` answering "starting" meanwhile), and migrate
+    /// (postgres.migrate) before the worker consumes, so handlers find the
+    /// inbox; then run the inbox retention cleanup and, with outbox.enabled,
+    /// the relay, recording into the worker's metrics. `None` when a
+    /// shutdown signal arrived while waiting.
     pub(super) async fn start_beside_worker(
         settings: &Settings,
         metrics: &Metrics,
     ) -> Result<Option<BesideWorker>> {
-        if settings.postgres.url.is_none() {
-            return Ok(None);
-        }
-        let pool = database(settings, settings.postgres.migrate).await?;
-        if !settings.outbox.enabled {
-            return Ok(None);
-        }
-        let publisher = Publisher::new(settings, metrics.clone())?;
-        let relay = outbox::Relay::new(pool, publisher.clone(), settings);
         let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { relay.run(stop.cancelled_owned()).await }
-        });
-        Ok(Some(BesideWorker {
-            stop,
-            task,
-            publisher,
-        }))
+        let mut beside = BesideWorker {
+            stop: stop.clone(),
+            tasks: Vec::new(),
+            publisher: None,
+        };
+        if settings.postgres.url.is_none() {
+            return Ok(Some(beside));
+        }
+        let (_starting, state) = watch::channel(WorkerState::Starting);
+        let endpoint = Endpoint::start(settings, metrics.clone(), state).await?;
+        let pool = outbox::connect_with_retry(
+            &settings.postgres,
+            settings.postgres.migrate,
+            shutdown_signal(),
+        )
+        .await;
+        if let Some(endpoint) = endpoint {
+            endpoint.stop().await;
+        }
+        let Some(pool) = pool? else {
+            return Ok(None);
+        };
+        let inbox = Inbox::new(pool.clone());
+        let (retention, interval) = (settings.inbox.retention, settings.inbox.cleanup_interval);
+        let until = stop.clone().cancelled_owned();
+        beside.tasks.push(tokio::spawn(async move {
+            inbox.run_cleanup(retention, interval, until).await;
+            Ok(())
+        }));
+        if settings.outbox.enabled {
+            let publisher = Publisher::new(settings, metrics.clone())?;
+            let relay = outbox::Relay::new(pool, publisher.clone(), settings);
+            let until = stop.cancelled_owned();
+            beside
+                .tasks
+                .push(tokio::spawn(async move { relay.run(until).await }));
+            beside.publisher = Some(publisher);
+        }
+        Ok(Some(beside))
     }
 
     pub(super) async fn command(settings: &Settings, action: OutboxAction) -> Result<()> {
         match action {
             OutboxAction::Relay => {
-                let pool = database(settings, settings.postgres.migrate).await?;
+                // No consumer here: ready once a batch reached the database.
+                let (state_tx, state) = watch::channel(WorkerState::Starting);
                 let metrics = Metrics::new();
-                let publisher = Publisher::new(settings, metrics.clone())?;
-                let relay = outbox::Relay::new(pool, publisher.clone(), settings);
-                let http_stop = CancellationToken::new();
-                let server = match settings.http.addr {
-                    Some(addr) => {
-                        // No consumer here: always "consuming" for /healthz and /readyz.
-                        let (_state_tx, state) =
-                            tokio::sync::watch::channel(crate::WorkerState::Consuming);
-                        let router = crate::http::router(
-                            metrics,
-                            state,
-                            settings.publisher.confirm_timeout * 2,
-                        );
-                        let listener = crate::http::bind(addr).await?;
-                        let stop = http_stop.clone();
-                        Some(tokio::spawn(crate::http::serve(
-                            listener,
-                            router,
-                            async move { stop.cancelled().await },
-                        )))
-                    }
-                    None => None,
-                };
-                let result = relay.run(shutdown_signal()).await;
-                publisher.close().await;
-                http_stop.cancel();
-                if let Some(server) = server {
-                    let _ = server.await;
+                let endpoint = Endpoint::start(settings, metrics.clone(), state).await?;
+                let shutdown = shutdown_signal();
+                tokio::pin!(shutdown);
+                let result = async {
+                    let Some(pool) = outbox::connect_with_retry(
+                        &settings.postgres,
+                        settings.postgres.migrate,
+                        &mut shutdown,
+                    )
+                    .await?
+                    else {
+                        return Ok(()); // stopped while waiting for the database
+                    };
+                    let publisher = Publisher::new(settings, metrics.clone())?;
+                    let relay = outbox::Relay::new(pool, publisher.clone(), settings);
+                    let mut healthy = relay.healthy();
+                    let readiness = tokio::spawn(async move {
+                        while healthy.changed().await.is_ok() {
+                            let ready = *healthy.borrow_and_update();
+                            state_tx.send_replace(if ready {
+                                WorkerState::Consuming
+                            } else {
+                                WorkerState::Reconnecting
+                            });
+                        }
+                    });
+                    let result = relay.run(&mut shutdown).await;
+                    readiness.abort();
+                    publisher.close().await;
+                    result
+                }
+                .await;
+                if let Some(endpoint) = endpoint {
+                    endpoint.stop().await;
                 }
                 result
             }

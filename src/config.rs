@@ -36,6 +36,8 @@ pub struct Settings {
     pub postgres: PostgresSettings,
     /// The transactional outbox relay.
     pub outbox: OutboxSettings,
+    /// The idempotent inbox's retention.
+    pub inbox: InboxSettings,
 }
 
 /// `[app]`
@@ -324,6 +326,29 @@ impl Default for OutboxSettings {
     }
 }
 
+/// `[inbox]`: how long `event_inbox` rows are kept (see docs/outbox.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxSettings {
+    /// Delete inbox rows older than this; `0s` keeps them forever. A message
+    /// that comes back after its row was deleted is handled again, so this
+    /// must be longer than any copy of a message can take to come back.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often `burrow run` deletes expired inbox rows (with `postgres.url` set).
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for InboxSettings {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -538,6 +563,28 @@ impl Settings {
                 "outbox.cleanup_interval",
                 &"0s",
                 "use a positive duration such as \"10m\"",
+            );
+        }
+        if self.inbox.cleanup_interval.is_zero() {
+            return bad(
+                "inbox.cleanup_interval",
+                &"0s",
+                "use a positive duration such as \"10m\"",
+            );
+        }
+        // A row deleted while a copy of its message can still arrive lets
+        // that copy run the handler again. The retry ladder is the shortest
+        // bound there is; the documentation asks for days.
+        let ladder: Duration = self.retry.delays.iter().sum();
+        if !self.inbox.retention.is_zero() && self.inbox.retention <= ladder {
+            return bad(
+                "inbox.retention",
+                &humantime::format_duration(self.inbox.retention),
+                &format!(
+                    "keep inbox rows longer than a message can come back: more than the whole retry ladder ({}), \
+                     and in practice days (\"7d\" is the default), or \"0s\" to keep them forever",
+                    humantime::format_duration(ladder)
+                ),
             );
         }
         if self.outbox.enabled {
@@ -881,6 +928,24 @@ mod tests {
                 .to_string()
                 .contains("outbox.batch_size")
         );
+    }
+
+    #[test]
+    fn inbox_rows_outlive_the_retry_ladder() {
+        let mut s = Settings::default();
+        s.inbox.retention = Duration::from_secs(60);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("inbox.retention") && e.contains("11m 11s"),
+            "{e}"
+        );
+        s.inbox.retention = Duration::ZERO;
+        assert!(s.validate().is_ok(), "0s keeps rows forever");
+        s.inbox.retention = Duration::from_secs(3600);
+        assert!(s.validate().is_ok());
+        s.inbox.cleanup_interval = Duration::ZERO;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("inbox.cleanup_interval"), "{e}");
     }
 
     #[test]

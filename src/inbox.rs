@@ -35,6 +35,9 @@ use crate::{
     outbox::db,
 };
 
+/// Rows deleted per statement by [`Inbox::cleanup`].
+const CLEANUP_CHUNK: i64 = 5_000;
+
 /// The inbox of one database. Cheap to clone.
 ///
 /// ```no_run
@@ -127,19 +130,79 @@ impl Inbox {
         .map_err(db("look up event_inbox"))
     }
 
-    /// Deletes inbox rows older than `older_than`; returns how many. A
-    /// message redelivered after its row was deleted is handled again, so
-    /// keep rows well beyond the longest redelivery (the retry ladder, dead
-    /// letters you may replay).
+    /// Deletes inbox rows older than `older_than`, a chunk at a time so no
+    /// statement holds many locks; returns how many. A message redelivered
+    /// after its row was deleted is handled again, so keep rows well beyond
+    /// the longest redelivery (the retry ladder, dead letters you may replay).
     pub async fn cleanup(&self, older_than: Duration) -> Result<u64> {
-        sqlx::query(
-            "DELETE FROM event_inbox WHERE processed_at < clock_timestamp() - make_interval(secs => $1)",
-        )
-        .bind(older_than.as_secs_f64())
-        .execute(&self.pool)
-        .await
-        .map(|r| r.rows_affected())
-        .map_err(db("delete old event_inbox rows"))
+        let mut deleted = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM event_inbox WHERE ctid IN (
+                     SELECT ctid FROM event_inbox
+                     WHERE processed_at < clock_timestamp() - make_interval(secs => $1)
+                     LIMIT $2)",
+            )
+            .bind(older_than.as_secs_f64())
+            .bind(CLEANUP_CHUNK)
+            .execute(&self.pool)
+            .await
+            .map_err(db("delete old event_inbox rows"))?
+            .rows_affected();
+            deleted += n;
+            if n < CLEANUP_CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Runs [`Inbox::cleanup`] for `retention` now and then every
+    /// `interval` until `shutdown` completes: what `burrow run` does with
+    /// `inbox.retention` and `inbox.cleanup_interval` when `postgres.url` is
+    /// set. A failed cleanup (the database is away) is logged and tried again
+    /// at the next interval. `retention` zero keeps every row: it returns at once.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: sqlx::PgPool) {
+    /// let settings = burrow::Settings::default();
+    /// let inbox = burrow::inbox::Inbox::new(pool);
+    /// tokio::spawn(async move {
+    ///     let ctrl_c = async { tokio::signal::ctrl_c().await.ok(); };
+    ///     inbox.run_cleanup(settings.inbox.retention, settings.inbox.cleanup_interval, ctrl_c).await
+    /// });
+    /// # }
+    /// ```
+    pub async fn run_cleanup(
+        &self,
+        retention: Duration,
+        interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        if retention.is_zero() {
+            return;
+        }
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = tick.tick() => {}
+            }
+            let cleanup = self.cleanup(retention);
+            tokio::select! {
+                () = &mut shutdown => return,
+                result = cleanup => match result {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        deleted = n,
+                        retention = %humantime::format_duration(retention),
+                        "inbox retention cleanup"
+                    ),
+                    Err(error) => tracing::warn!(%error, "inbox retention cleanup failed; trying again later"),
+                }
+            }
+        }
     }
 
     /// Wraps `handler` so that it runs inside an inbox transaction and never

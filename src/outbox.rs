@@ -193,6 +193,122 @@ pub async fn connect(settings: &PostgresSettings) -> Result<PgPool> {
         .map_err(|source| Error::DatabaseConnect { url, source })
 }
 
+/// How long one connection attempt of [`connect_with_retry`] may take: a
+/// host that drops packets (a firewall, a cut network) would otherwise hold
+/// the attempt until the kernel gives up on the TCP handshake.
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest wait between two attempts to reach the database.
+const MAX_DATABASE_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Delays between attempts to reach the database: 200 ms doubling to 30 s,
+/// with jitter so that a fleet of workers does not knock in lockstep after a
+/// database restart; never gives up (like the broker connection, see
+/// [`crate::Worker::run`]).
+pub(crate) fn database_backoff() -> impl Iterator<Item = Duration> + Send {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(MAX_DATABASE_RETRY_DELAY)
+            .with_jitter()
+            .without_max_times(),
+    )
+}
+
+/// One attempt: a single probe connection first, so the error is the
+/// server's own (connection refused, an unknown database, a wrong password)
+/// rather than the pool's "timed out" after its own retries; then the pool,
+/// then the migrations when `migrate` is on.
+async fn connect_once(settings: &PostgresSettings, migrate: bool) -> Result<PgPool> {
+    use sqlx::{ConnectOptions, Connection};
+    let options = connect_options(settings)?;
+    let url = settings
+        .url
+        .as_ref()
+        .map(|u| u.to_string())
+        .unwrap_or_default();
+    let probe = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, options.connect())
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(CONNECT_ATTEMPT_TIMEOUT)
+                ),
+            )))
+        })
+        .map_err(|source| Error::DatabaseConnect {
+            url: url.clone(),
+            source,
+        })?;
+    let _ = probe.close().await;
+    let pool = connect(settings).await?;
+    if migrate {
+        prepare(&pool, settings).await?;
+    }
+    Ok(pool)
+}
+
+/// Connects to `settings`' database and, with `migrate`, applies burrow's
+/// migrations ([`prepare`]), trying again for as long as the failure may go
+/// away by itself: the server is down or starting, the network drops
+/// packets, the connection limit is reached. Each retry is logged (with the
+/// URL's password hidden) after a capped, jittered backoff (200 ms doubling
+/// to 30 s). Returns `Ok(None)` when `shutdown` completes first.
+///
+/// Failures a person must fix end it at once with the error: a malformed
+/// `postgres.url`, a wrong password, an unknown database, a migration whose
+/// checksum differs from the one applied (see [`Error::is_retryable`]).
+///
+/// ```no_run
+/// # async fn run() -> burrow::Result<()> {
+/// let settings = burrow::Settings::load()?;
+/// let ctrl_c = async { tokio::signal::ctrl_c().await.ok(); };
+/// let Some(pool) = burrow::outbox::connect_with_retry(&settings.postgres, true, ctrl_c).await? else {
+///     return Ok(()); // stopped while waiting for the database
+/// };
+/// # Ok(()) }
+/// ```
+pub async fn connect_with_retry(
+    settings: &PostgresSettings,
+    migrate: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Option<PgPool>> {
+    tokio::pin!(shutdown);
+    let mut delays = database_backoff();
+    let mut attempts: u32 = 0;
+    loop {
+        let attempt = tokio::select! {
+            () = &mut shutdown => return Ok(None),
+            result = connect_once(settings, migrate) => result,
+        };
+        match attempt {
+            Ok(pool) => {
+                if attempts > 0 {
+                    tracing::info!(attempts, "reached PostgreSQL");
+                }
+                return Ok(Some(pool));
+            }
+            Err(error) if error.is_retryable() => {
+                attempts = attempts.saturating_add(1);
+                let delay = delays.next().unwrap_or(MAX_DATABASE_RETRY_DELAY);
+                tracing::warn!(
+                    %error,
+                    attempts,
+                    retry_in = %humantime::format_duration(delay),
+                    "PostgreSQL (postgres.url) is not reachable; retrying"
+                );
+                tokio::select! {
+                    () = &mut shutdown => return Ok(None),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// A pool for `settings` that connects on first use (must be called inside
 /// a Tokio runtime).
 pub fn connect_lazy(settings: &PostgresSettings) -> Result<PgPool> {
@@ -615,6 +731,8 @@ struct RelayInner {
     settings: OutboxSettings,
     app_id: String,
     metrics: Metrics,
+    /// Whether the last batch reached the database; see [`Relay::healthy`].
+    healthy: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -659,6 +777,7 @@ impl Relay {
                 settings: settings.outbox.clone(),
                 app_id: settings.app.name.clone(),
                 metrics,
+                healthy: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -666,6 +785,15 @@ impl Relay {
     /// The pool this relay reads.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Whether the relay's last batch reached the database: `false` until
+    /// the first batch of [`Relay::run`] completes and while batches fail
+    /// (the database is away); `true` otherwise. A publish the broker
+    /// refuses does not count: it is recorded on its row and retried. `burrow
+    /// outbox relay` answers `/readyz` from this.
+    pub fn healthy(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.healthy.subscribe()
     }
 
     /// Claims, publishes and marks one batch; see the module documentation.
@@ -964,14 +1092,31 @@ impl Relay {
             "outbox relay started"
         );
         let mut failures: u32 = 0;
+        let mut delays = database_backoff();
         let mut last_refresh = Instant::now() - BACKLOG_REFRESH;
         let mut next_cleanup = Instant::now();
         while !stop.is_cancelled() {
+            let mut retry_in = None;
             match self.drain(&stop, &mut last_refresh).await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "outbox batches run again");
+                    }
+                    failures = 0;
+                    delays = database_backoff();
+                    self.inner.healthy.send_replace(true);
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, failures, "outbox batch failed; trying again");
+                    let delay = delays.next().unwrap_or(MAX_DATABASE_RETRY_DELAY);
+                    retry_in = Some(delay);
+                    self.inner.healthy.send_replace(false);
+                    tracing::warn!(
+                        error = %e,
+                        failures,
+                        retry_in = %humantime::format_duration(delay),
+                        "outbox batch failed; trying again"
+                    );
                 }
             }
             if !settings.retention.is_zero() && Instant::now() >= next_cleanup {
@@ -984,13 +1129,8 @@ impl Relay {
             }
             self.refresh_backlog().await;
             last_refresh = Instant::now();
-            let wait = if failures == 0 {
-                settings.poll_interval
-            } else {
-                // 200 ms, 400 ms, ... up to 30 s while the database or broker is away.
-                (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(8)))
-                    .min(Duration::from_secs(30))
-            };
+            // While the database is away: 200 ms doubling to 30 s, jittered.
+            let wait = retry_in.unwrap_or(settings.poll_interval);
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = wake.notified() => {}
@@ -1016,7 +1156,7 @@ async fn listen(
     stop: CancellationToken,
 ) {
     let mut ready = Some(ready);
-    let mut failures: u32 = 0;
+    let mut delays = database_backoff();
     while !stop.is_cancelled() {
         let setup = async {
             let schema: String = sqlx::query_scalar("SELECT current_schema()")
@@ -1029,9 +1169,7 @@ async fn listen(
         let (schema, mut listener) = match setup.await {
             Ok(ok) => ok,
             Err(e) => {
-                failures = failures.saturating_add(1);
-                let delay = (Duration::from_millis(200) * 2u32.saturating_pow(failures.min(7)))
-                    .min(Duration::from_secs(30));
+                let delay = delays.next().unwrap_or(MAX_DATABASE_RETRY_DELAY);
                 tracing::warn!(error = %crate::config::redact_urls(&e.to_string()), retry_in = ?delay, "cannot LISTEN {NOTIFY_CHANNEL}; polling meanwhile");
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -1039,7 +1177,7 @@ async fn listen(
                 }
             }
         };
-        failures = 0;
+        delays = database_backoff();
         if let Some(ready) = ready.take() {
             let _ = ready.send(());
         }

@@ -179,6 +179,98 @@ async fn old_inbox_rows_are_cleaned_up() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM event_inbox").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_in_chunks_and_keeps_recent_rows() {
+    let db = TestDb::new().await;
+    let inbox = Inbox::new(db.pool.clone());
+    // More than two chunks of 5,000 expired rows, and some recent ones.
+    db.execute(
+        "INSERT INTO event_inbox (handler, message_id, event_type, processed_at)
+         SELECT 'feeds.add', 'old-' || n, 'CardAddedToLibraryEvent', now() - interval '8 days'
+         FROM generate_series(1, 12345) AS n",
+    )
+    .await;
+    db.execute(
+        "INSERT INTO event_inbox (handler, message_id, event_type, processed_at)
+         SELECT 'feeds.add', 'new-' || n, 'CardAddedToLibraryEvent', now() - interval '6 days'
+         FROM generate_series(1, 7) AS n",
+    )
+    .await;
+    let deleted = within(
+        "the cleanup",
+        inbox.cleanup(std::time::Duration::from_secs(7 * 86400)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, 12345);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM event_inbox WHERE message_id LIKE 'new-%'")
+            .await,
+        7
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM event_inbox").await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_cleanup_deletes_expired_rows_until_shutdown() {
+    let db = TestDb::new().await;
+    let inbox = Inbox::new(db.pool.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let inbox = inbox.clone();
+        let stop = stop.clone();
+        async move {
+            inbox
+                .run_cleanup(
+                    std::time::Duration::from_secs(3600),
+                    std::time::Duration::from_millis(50),
+                    stop.cancelled_owned(),
+                )
+                .await
+        }
+    });
+    // Rows that expire while it runs are deleted by a later round; a
+    // recent row stays.
+    for round in 0..2 {
+        sqlx::query(
+            "INSERT INTO event_inbox (handler, message_id, event_type, processed_at)
+             VALUES ('feeds.add', $1, 'CardAddedToLibraryEvent', now() - interval '2 hours'),
+                    ('feeds.add', $2, 'CardAddedToLibraryEvent', now())",
+        )
+        .bind(format!("expired-{round}"))
+        .bind(format!("recent-{round}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        within("the expired row to be deleted", async {
+            while db
+                .scalar_i64("SELECT count(*) FROM event_inbox WHERE message_id LIKE 'expired-%'")
+                .await
+                > 0
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM event_inbox").await, 2);
+    stop.cancel();
+    within("run_cleanup to return on shutdown", task)
+        .await
+        .unwrap();
+
+    // A retention of zero keeps everything: it returns at once.
+    within(
+        "run_cleanup with retention 0s",
+        inbox.run_cleanup(
+            std::time::Duration::ZERO,
+            std::time::Duration::from_millis(50),
+            std::future::pending(),
+        ),
+    )
+    .await;
+}
+
 /// Records each handled card in the test's table, through the inbox.
 struct RecordCard;
 

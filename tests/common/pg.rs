@@ -32,7 +32,7 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A schema of this test's own, migrated.
+/// A schema of this test's own ([`TestDb::new`] migrated, [`TestDb::empty`] not).
 pub struct TestDb {
     pub pool: PgPool,
     pub schema: String,
@@ -41,6 +41,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        burrow::outbox::prepare(&db.pool, &db.settings)
+            .await
+            .expect("burrow's migrations apply");
+        db
+    }
+
+    /// A schema of this test's own without burrow's tables.
+    pub async fn empty() -> Self {
         let schema = unique("burrow_t").replace('-', "_");
         let admin = within(
             "a PostgreSQL connection (make postgres starts it)",
@@ -64,9 +73,6 @@ impl TestDb {
         let pool = burrow::outbox::connect(&settings)
             .await
             .expect("connect to the test schema");
-        burrow::outbox::prepare(&pool, &settings)
-            .await
-            .expect("burrow's migrations apply");
         Self {
             pool,
             schema,
