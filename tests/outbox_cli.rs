@@ -603,9 +603,23 @@ async fn the_relay_waits_for_the_database_and_then_publishes() {
     let got: Vec<String> = tap.take(2).await.iter().map(|m| m.message_id()).collect();
     assert_eq!(got, ids);
     db.wait_drained().await;
+
+    // Lost while running: batches fail, /readyz says so; back, it is ready
+    // again and publishes what was enqueued meanwhile.
+    proxy.refuse(true);
+    proxy.cut();
+    let body = app.wait_status("/readyz", 503).await;
+    assert!(body.contains("reconnecting"), "{body}");
+    let later = enqueue_in_one_transaction(&db, &aggregate, 1).await;
+    proxy.refuse(false);
+    assert_eq!(tap.next().await.message_id(), later[0]);
+    app.wait_status("/readyz", 200).await;
+    db.wait_drained().await;
+
     let (code, text) = stop(&app, &mut relay, &log).await;
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("reached PostgreSQL"), "{text}");
+    assert!(text.contains("outbox batch failed; trying again"), "{text}");
     tap.close().await;
 }
 
