@@ -282,6 +282,30 @@ async fn ready(conn: &Connection, queue: &str) -> u32 {
     q.message_count()
 }
 
+/// Waits until `queue` holds `expected` ready messages. Messages a browse
+/// took without acking return to a quorum queue asynchronously after the
+/// browsing channel closed, so the count is polled (under [`WAIT`]) rather
+/// than read once; a message really removed or duplicated still fails.
+async fn settles_at(conn: &Connection, queue: &str, expected: u32, what: &str) {
+    let mut last = None;
+    let polled = tokio::time::timeout(WAIT, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            let n = ready(conn, queue).await;
+            if n == expected {
+                return;
+            }
+            last = Some(n);
+        }
+    })
+    .await;
+    assert!(
+        polled.is_ok(),
+        "{what}: {queue} holds {last:?} ready messages, expected {expected}"
+    );
+}
+
 fn headers(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
@@ -366,7 +390,7 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
     }
 
     // Browsing removes nothing; the limit is honoured.
-    assert_eq!(ready(&conn, &dead).await, 2);
+    settles_at(&conn, &dead, 2, "the dead queue").await;
     assert_eq!(
         within("dlq list", dlq::list(&settings, 1))
             .await
@@ -398,7 +422,7 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
             .unwrap()
             .is_none()
     );
-    assert_eq!(ready(&conn, &dead).await, 2, "show removes nothing");
+    settles_at(&conn, &dead, 2, "show removes nothing").await;
 
     let table = dlq::render_table(&letters);
     assert!(
@@ -508,7 +532,7 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
             skipped: 0
         }
     );
-    assert_eq!(ready(&conn, &dead).await, 0);
+    settles_at(&conn, &dead, 0, "the dead queue").await;
     let copy = within("the replayed copy", async {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
@@ -615,7 +639,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             .attempt,
         1
     );
-    assert_eq!(ready(&conn, &dead).await, 1);
+    settles_at(&conn, &dead, 1, "the dead queue").await;
 
     // Filters that do not match leave the letter where it is.
     let other_event = ReplayFilter {
@@ -660,7 +684,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
         .await
         .unwrap();
     assert_eq!(report, ReplayReport::default());
-    assert_eq!(ready(&conn, &dead).await, 1);
+    settles_at(&conn, &dead, 1, "the dead queue").await;
 
     let matching = ReplayFilter {
         event: Some("CardAddedToLibraryEvent".into()),
@@ -676,11 +700,13 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             skipped: 0
         }
     );
-    assert_eq!(
-        ready(&conn, &dead).await,
+    settles_at(
+        &conn,
+        &dead,
         0,
-        "the letter is removed once its copy is confirmed"
-    );
+        "the letter is removed once its copy is confirmed",
+    )
+    .await;
 
     let second = next_outcome(&mut outcomes).await;
     assert_eq!(second.message_id, id);
@@ -757,7 +783,7 @@ async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     .await
     .unwrap_err();
     assert!(matches!(err, burrow::Error::Unroutable { .. }), "{err:?}");
-    assert_eq!(ready(&conn, &dead).await, 1, "the letter is still parked");
+    settles_at(&conn, &dead, 1, "the letter is still parked").await;
     let shown = within("dlq show", dlq::show(&settings, "stuck-1"))
         .await
         .unwrap()
@@ -828,13 +854,13 @@ async fn purge_removes_old_letters_or_everything() {
     .await
     .unwrap();
     assert_eq!(purged, 0);
-    assert_eq!(ready(&conn, &dead).await, 2);
+    settles_at(&conn, &dead, 2, "the dead queue").await;
 
     let purged = within("dlq purge", dlq::purge(&settings, None))
         .await
         .unwrap();
     assert_eq!(purged, 2);
-    assert_eq!(ready(&conn, &dead).await, 0);
+    settles_at(&conn, &dead, 0, "the dead queue").await;
     assert!(
         within("dlq list", dlq::list(&settings, 10))
             .await
