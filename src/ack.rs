@@ -23,10 +23,12 @@
 //! - When the session ends, every ready delivery is acked before the channel
 //!   closes; pending ones (abandoned handlers) are never acked and come back.
 //!
-//! The settler flushes whenever it is woken and the window has something to
-//! send; while one ack is on its way, more deliveries settle, so batches grow
-//! with the load and a lone message is acked at once. Each delivery is acked
-//! exactly once: it leaves the window in exactly one batch or as one single.
+//! Frames are sent by one flusher at a time, in the manner of a group
+//! commit: the task that completes a settlement while nobody is sending
+//! sends the frame itself, then whatever settled while it was on its way.
+//! Batches grow with the load and a lone message is acked at once, by its
+//! own task. Each delivery is acked exactly once: it leaves the window in
+//! exactly one batch or as one single.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -153,7 +155,7 @@ impl<P> AckWindow<P> {
     }
 }
 
-/// What the settler did over a session.
+/// What the acks of a session came to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AckStats {
     /// Deliveries acked (the frame was sent).
@@ -164,6 +166,17 @@ pub struct AckStats {
     pub not_sent: u64,
 }
 
+impl AckStats {
+    fn count(&mut self, acked: bool, n: u64) {
+        if acked {
+            self.acked += n;
+            self.frames += 1;
+        } else {
+            self.not_sent += n;
+        }
+    }
+}
+
 /// A delivery waiting for its ack, and the outcome to broadcast once the
 /// ack is sent (only built when someone listens).
 #[derive(Debug)]
@@ -172,37 +185,57 @@ struct Waiting {
     outcome: Option<Outcome>,
 }
 
+type Taken = Vec<(u64, Waiting)>;
+
 #[derive(Debug, Default)]
 struct State {
     window: AckWindow<Waiting>,
     closing: bool,
+    /// Someone is sending acks. One flusher at a time keeps the frames in
+    /// tag order and lets settlements pile up behind the frame on its way.
+    flushing: bool,
+    stats: AckStats,
+    /// Buffers lent to the flusher, kept for their capacity.
+    batch: Taken,
+    singles: Taken,
 }
 
 #[derive(Debug)]
 struct Inner {
     // A std mutex: held for a few pointer moves, never across an await.
     state: std::sync::Mutex<State>,
+    /// Wakes the timer task: stragglers to time, or the window closing.
     wake: Notify,
     outcomes: broadcast::Sender<Outcome>,
 }
 
-/// The consumer's side of one channel's ack window; the settler task sends
-/// the frames.
+/// One channel's ack window, shared by the consumer loop, the delivery
+/// tasks and a timer task.
+///
+/// Acks are sent by whoever completes a settlement while nobody else is
+/// sending (group commit): the delivery task that finds the role free sends
+/// the frame, then keeps sending what settled meanwhile until nothing is
+/// left. A lone delivery is acked by its own task, with no hop to another
+/// task; under load one frame covers everything that settled while the
+/// previous frame was on its way. The timer task acks stragglers after
+/// [`HOLD`] and flushes the window when the session ends.
 #[derive(Debug, Clone)]
 pub(crate) struct Acks {
     inner: Arc<Inner>,
 }
 
 impl Acks {
-    /// Starts the settler task for one channel.
+    /// The window of one channel, and its timer task.
     pub(crate) fn start(outcomes: broadcast::Sender<Outcome>) -> (Acks, JoinHandle<AckStats>) {
-        let inner = Arc::new(Inner {
-            state: std::sync::Mutex::default(),
-            wake: Notify::new(),
-            outcomes,
-        });
-        let task = tokio::spawn(settler(inner.clone()));
-        (Acks { inner }, task)
+        let acks = Acks {
+            inner: Arc::new(Inner {
+                state: std::sync::Mutex::default(),
+                wake: Notify::new(),
+                outcomes,
+            }),
+        };
+        let task = tokio::spawn(timer(acks.clone()));
+        (acks, task)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -220,14 +253,18 @@ impl Acks {
 
     /// The delivery's settlement is complete (its copies confirmed): ack it.
     /// The outcome, if any, is broadcast once the ack frame is sent.
-    pub(crate) fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
+    pub(crate) async fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
         let waiting = Waiting { acker, outcome };
-        let refused = self
-            .state()
-            .window
-            .settled(tag, Some(waiting), Instant::now());
-        match refused {
-            Ok(()) => self.inner.wake.notify_one(),
+        let settled = {
+            let mut state = self.state();
+            state
+                .window
+                .settled(tag, Some(waiting), Instant::now())
+                .map(|()| lead(&mut state))
+        };
+        match settled {
+            Ok(true) => self.flush(false).await,
+            Ok(false) => {}
             // Not in the window (cannot happen: every tag is recorded before
             // its task starts). Ack it on its own rather than lose track.
             Err(waiting) => {
@@ -236,80 +273,148 @@ impl Acks {
                     "delivery missing from the ack window; acking it on its own"
                 );
                 if let Some(w) = waiting {
-                    let inner = self.inner.clone();
-                    tokio::spawn(async move {
-                        let acked = send_ack(&w.acker, false, 1).await;
-                        broadcast_outcome(&inner.outcomes, w.outcome, acked);
-                    });
+                    let acked = send_ack(&w.acker, false, 1).await;
+                    broadcast_outcome(&self.inner.outcomes, w.outcome, acked);
                 }
             }
         }
     }
 
     /// The delivery was settled without an ack (nacked, frame already sent).
-    pub(crate) fn returned(&self, tag: u64) {
-        if self
-            .state()
-            .window
-            .settled(tag, None, Instant::now())
-            .is_ok()
-        {
-            self.inner.wake.notify_one();
+    pub(crate) async fn returned(&self, tag: u64) {
+        let lead = {
+            let mut state = self.state();
+            state.window.settled(tag, None, Instant::now()).is_ok() && lead(&mut state)
+        };
+        if lead {
+            self.flush(false).await;
         }
     }
 
-    /// Acks every ready delivery and stops the settler. Call once no task
-    /// can settle any more, before the channel closes.
-    pub(crate) async fn finish(self, settler: JoinHandle<AckStats>) -> AckStats {
+    /// Sends what the window lets go until nothing is left, then gives the
+    /// flusher role back. The caller holds the role.
+    async fn flush(&self, closing: bool) {
+        // Gives the role back if this future is dropped mid-send (a task
+        // aborted at the shutdown deadline): what it had taken out is never
+        // acked, so the broker redelivers it — late, never lost.
+        let mut role = Role(Some(self));
+        loop {
+            let (mut batch, mut singles) = {
+                let mut state = self.state();
+                let mut batch = std::mem::take(&mut state.batch);
+                let mut singles = std::mem::take(&mut state.singles);
+                let closing = closing || state.closing;
+                state
+                    .window
+                    .take(Instant::now(), HOLD, closing, &mut batch, &mut singles);
+                if batch.is_empty() && singles.is_empty() {
+                    state.batch = batch;
+                    state.singles = singles;
+                    state.flushing = false;
+                    let stragglers = state.window.next_due(HOLD).is_some();
+                    drop(state);
+                    role.0 = None;
+                    if stragglers {
+                        self.inner.wake.notify_one();
+                    }
+                    return;
+                }
+                (batch, singles)
+            };
+            let mut stats = AckStats::default();
+            send(&mut batch, &mut singles, &self.inner.outcomes, &mut stats).await;
+            let mut state = self.state();
+            state.stats.acked += stats.acked;
+            state.stats.frames += stats.frames;
+            state.stats.not_sent += stats.not_sent;
+            state.batch = batch;
+            state.singles = singles;
+        }
+    }
+
+    /// Acks every ready delivery and stops the timer task. Call once no
+    /// task can settle any more, before the channel closes.
+    pub(crate) async fn finish(self, timer: JoinHandle<AckStats>) -> AckStats {
         self.state().closing = true;
         self.inner.wake.notify_one();
-        settler.await.unwrap_or_default()
+        timer.await.unwrap_or_default()
     }
 }
 
-async fn settler(inner: Arc<Inner>) -> AckStats {
-    let outcomes = &inner.outcomes;
-    let mut stats = AckStats::default();
-    let mut batch = Vec::new();
-    let mut singles = Vec::new();
-    loop {
-        let (closing, due) = {
-            let mut state = inner
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let closing = state.closing;
-            state
-                .window
-                .take(Instant::now(), HOLD, closing, &mut batch, &mut singles);
-            (closing, state.window.next_due(HOLD))
-        };
-        if let Some((_, last)) = batch.last() {
-            let n = batch.len() as u64;
-            let acked = send_ack(&last.acker, n > 1, n).await;
-            stats.count(acked, n);
-            for (_, w) in batch.drain(..) {
-                broadcast_outcome(outcomes, w.outcome, acked);
-            }
+/// Takes the flusher role if it is free.
+fn lead(state: &mut State) -> bool {
+    !std::mem::replace(&mut state.flushing, true)
+}
+
+struct Role<'a>(Option<&'a Acks>);
+
+impl Drop for Role<'_> {
+    fn drop(&mut self) {
+        if let Some(acks) = self.0.take() {
+            acks.state().flushing = false;
+            acks.inner.wake.notify_one();
         }
-        for (_, w) in singles.drain(..) {
-            let acked = send_ack(&w.acker, false, 1).await;
-            stats.count(acked, 1);
+    }
+}
+
+/// Sends one frame for `batch` and one per single, and broadcasts their
+/// outcomes; leaves both empty.
+async fn send(
+    batch: &mut Taken,
+    singles: &mut Taken,
+    outcomes: &broadcast::Sender<Outcome>,
+    stats: &mut AckStats,
+) {
+    if let Some((_, last)) = batch.last() {
+        let n = batch.len() as u64;
+        let acked = send_ack(&last.acker, n > 1, n).await;
+        stats.count(acked, n);
+        for (_, w) in batch.drain(..) {
             broadcast_outcome(outcomes, w.outcome, acked);
         }
+    }
+    for (_, w) in singles.drain(..) {
+        let acked = send_ack(&w.acker, false, 1).await;
+        stats.count(acked, 1);
+        broadcast_outcome(outcomes, w.outcome, acked);
+    }
+}
+
+/// Acks stragglers once they have waited [`HOLD`], and everything ready
+/// when the window closes.
+async fn timer(acks: Acks) -> AckStats {
+    loop {
+        let (closing, due) = {
+            let state = acks.state();
+            (state.closing, state.window.next_due(HOLD))
+        };
         if closing {
             break;
         }
-        // `notify_one` leaves a permit when nobody waits, so a settlement
-        // between the take above and this wait is not missed.
+        // `notify_one` leaves a permit when nobody waits, so a wake-up
+        // between the look above and this wait is not missed.
         match due {
             Some(at) => tokio::select! {
-                _ = inner.wake.notified() => {}
-                _ = tokio::time::sleep_until(at) => {}
+                _ = acks.inner.wake.notified() => {}
+                _ = tokio::time::sleep_until(at) => {
+                    let lead = lead(&mut acks.state());
+                    if lead {
+                        acks.flush(false).await;
+                    } else {
+                        // The flusher takes what is due, and wakes us when
+                        // it leaves stragglers behind.
+                        acks.inner.wake.notified().await;
+                    }
+                }
             },
-            None => inner.wake.notified().await,
+            None => acks.inner.wake.notified().await,
         }
     }
+    // Every delivery task has ended, so nobody else holds the role (one
+    // dropped mid-send gave it back).
+    acks.state().flushing = true;
+    acks.flush(true).await;
+    let stats = acks.state().stats;
     debug!(
         acked = stats.acked,
         frames = stats.frames,
@@ -317,17 +422,6 @@ async fn settler(inner: Arc<Inner>) -> AckStats {
         "ack window closed"
     );
     stats
-}
-
-impl AckStats {
-    fn count(&mut self, acked: bool, n: u64) {
-        if acked {
-            self.acked += n;
-            self.frames += 1;
-        } else {
-            self.not_sent += n;
-        }
-    }
 }
 
 fn broadcast_outcome(outcomes: &broadcast::Sender<Outcome>, outcome: Option<Outcome>, acked: bool) {
@@ -341,11 +435,11 @@ fn broadcast_outcome(outcomes: &broadcast::Sender<Outcome>, outcome: Option<Outc
 /// when the channel closed first (the acker is poisoned): the broker then
 /// redelivers every message the ack would have covered.
 async fn send_ack(acker: &Acker, multiple: bool, count: u64) -> bool {
-    // lapin resolves an ack once its frame is written. Should the connection
-    // die with the frame on its way and the future never resolve, an
-    // unbounded wait would stall this settler, and with it `Acks::finish`:
-    // the session would never end and the worker never reconnect (seen in
-    // the fault suite after a network cut and a broker kill -9).
+    // lapin resolves an ack once its frame is written. When the connection
+    // dies with the frame on its way, that can never happen and the future
+    // never resolves; unbounded, it would stall this settler, and with it
+    // `Acks::finish`, so the session would never end and the worker never
+    // reconnect (found by the fault suite: network cut, broker kill -9).
     let sent = tokio::time::timeout(ACK_WRITE_TIMEOUT, acker.ack(BasicAckOptions { multiple }));
     let Ok(result) = sent.await else {
         warn!(

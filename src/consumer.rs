@@ -609,10 +609,10 @@ impl Shared {
             // Outcomes are built only for subscribers (tests, the demo).
             let outcome = (self.outcomes.receiver_count() > 0).then(|| outcome(&processed, moved));
             if moved {
-                // Acked by the settler, with the deliveries around it.
-                self.acks.ready(delivery_tag, acker, outcome);
+                // Acked with the deliveries around it (crate::ack).
+                self.acks.ready(delivery_tag, acker, outcome).await;
             } else {
-                self.acks.returned(delivery_tag);
+                self.acks.returned(delivery_tag).await;
                 if let Some(o) = outcome {
                     let _ = self.outcomes.send(o);
                 }
