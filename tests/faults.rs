@@ -12,8 +12,10 @@
 //! FAULTS RESULT | <scenario> | N=.. | confirmed=.. | lost=.. | duplicates=.. | recovery=..
 //! ```
 //!
-//! Recovery is the time from the end of a fault (the kill, the broker back,
-//! the network healed, the alarm cleared) to the first event handled after it.
+//! Recovery is the longest time without any event handled from the end of a
+//! fault on (the kill, the broker back, the network healed, the alarm
+//! cleared): the wait for the first event handled after it, or a later gap
+//! between two handled events if longer.
 //!
 //! The scenarios are `#[ignore]`d: they kill processes and brokers and take
 //! minutes. `make faults` runs them (`FAULTS_N`, `FAULTS_KILLS` size them);

@@ -158,14 +158,22 @@ impl Ledger {
             .count()
     }
 
-    /// The first successful execution recorded at or after `since_ms`.
-    pub fn first_success_since(&self, since_ms: i64) -> Option<i64> {
-        self.executions
+    /// The longest stall in `[since_ms, until_ms)`: the largest of the wait
+    /// for the first success after `since_ms` and every gap between
+    /// successive successes before `until_ms` (the next fault, if any).
+    pub fn stall_between(&self, since_ms: i64, until_ms: Option<i64>) -> Option<i64> {
+        let until = until_ms.unwrap_or(i64::MAX);
+        let mut times: Vec<i64> = self
+            .executions
             .values()
             .flatten()
-            .filter(|e| e.outcome == "ok" && e.at_ms >= since_ms)
+            .filter(|e| e.outcome == "ok" && e.at_ms >= since_ms && e.at_ms < until)
             .map(|e| e.at_ms)
-            .min()
+            .collect();
+        times.sort_unstable();
+        let first = *times.first()?;
+        let gaps = times.windows(2).map(|w| w[1] - w[0]);
+        Some(gaps.fold(first - since_ms, i64::max))
     }
 
     /// The last successful execution of any id.

@@ -390,15 +390,17 @@ pub fn secs(ms: i64) -> String {
     format!("{:.2}s", ms.max(0) as f64 / 1000.0)
 }
 
-/// The recovery after each fault: from the fault (`at_ms`) to the first
-/// event handled after it.
+/// The recovery after each fault (`faults_ms`, in order): the longest time
+/// without any event handled from the fault to the next one (see
+/// [`Ledger::stall_between`]).
 pub fn recoveries(ledger: &Ledger, faults_ms: &[i64]) -> Vec<i64> {
     faults_ms
         .iter()
-        .map(|at| {
+        .enumerate()
+        .map(|(i, at)| {
             ledger
-                .first_success_since(*at)
-                .map_or(-1, |first| first - at)
+                .stall_between(*at, faults_ms.get(i + 1).copied())
+                .unwrap_or(-1)
         })
         .collect()
 }
