@@ -4,20 +4,28 @@
 FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /build
 
+# Cargo features of the binary: "" (default) or "postgres" for the outbox
+# relay and the inbox (`docker build --build-arg BURROW_FEATURES=postgres .`).
+ARG BURROW_FEATURES=""
+
 # Dependency layer: build every dependency against stub sources so that it is
-# cached until Cargo.toml or Cargo.lock change.
+# cached until Cargo.toml or Cargo.lock change. Cargo refuses a manifest whose
+# declared bench or example targets have no file, so those get stubs too.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src handlers \
+RUN mkdir -p src handlers benches examples \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/pipeline.rs \
+    && echo 'fn main() {}' > examples/outbox_latency.rs \
     && touch src/lib.rs handlers/mod.rs \
-    && cargo build --release --locked
+    && cargo build --release --locked --features "$BURROW_FEATURES"
 
 # The real sources; touch them so cargo rebuilds the crate over the stubs.
 COPY src ./src
 COPY handlers ./handlers
 COPY config ./config
+COPY migrations ./migrations
 RUN find src handlers -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked \
+    && cargo build --release --locked --features "$BURROW_FEATURES" \
     && strip target/release/burrow
 
 # ---- runtime -----------------------------------------------------------------
