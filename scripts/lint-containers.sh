@@ -84,6 +84,18 @@ log "$("$HADOLINT" --version 2>&1 | sed -n 1p)"
 log "hadolint Dockerfile"
 "$HADOLINT" Dockerfile
 
+# The dependency layer builds against stub sources; cargo refuses a manifest
+# whose declared [[bench]] / [[example]] targets have no file, so every one of
+# them must be stubbed there.
+log "Dockerfile stubs every target declared in Cargo.toml"
+for pair in bench:benches example:examples; do
+  kind="${pair%%:*}" dir="${pair#*:}"
+  while IFS= read -r name; do
+    grep -q "> ${dir}/${name}.rs" Dockerfile \
+      || die "Cargo.toml declares the ${kind} '${name}' but the Dockerfile's dependency layer has no stub for ${dir}/${name}.rs; add it next to the other stubs"
+  done < <(awk -v k="[[${kind}]]" '$0 == k { want = 1; next } want && /^name *=/ { gsub(/.*= *"|".*/, ""); print; want = 0 }' Cargo.toml)
+done
+
 log "$("${COMPOSE[@]}" version 2>&1 | sed -n 1p)"
 log "${COMPOSE[*]} -f docker-compose.yml config -q"
 "${COMPOSE[@]}" -f docker-compose.yml config -q
