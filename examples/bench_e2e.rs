@@ -42,10 +42,13 @@
 //! `KINDS` (`classic,quorum`), `SCENARIOS` (`pipeline,split,latency,idle,failure`),
 //! `LAT_RATE` (2000), `LAT_SECS` (10), `FAIL_N` (N/5), `IDLE_SECS` (2),
 //! `SOAK_N` (0 = off), `SOAK_KINDS` (first of `KINDS`), `WINDOW` (1024),
-//! `PREFETCH` (64), `BENCH_TRACING` (1: install burrow's default log filter
-//! with a discarding writer, as the `burrow` binary does), `BENCH_LOG` (a
-//! log filter printed to stderr, e.g. `burrow::ack=debug`; for inspection), `BENCH_OUT`
-//! (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
+//! `PREFETCH` (64), `PUB_CHANNELS` (burrow's `publisher.channels`; default:
+//! burrow's default), `BENCH_TRACING` (1: install burrow's default log filter
+//! with a discarding writer, as the `burrow` binary does), `BENCH_LOG` (a log
+//! filter printed to stderr, e.g. `burrow::ack=debug`; for inspection, not for
+//! measuring), `PERF` (`<scenario>:<side>,...`: run those children under
+//! `perf record`, not reported), `BASELINE_ACK` (`await` or `spawn`),
+//! `BENCH_OUT` (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
 //!
 //! Exchanges and queues are named `bench-<run id>-...`; each child deletes
 //! its own, and the parent sweeps all of them again at the end.
