@@ -11,21 +11,23 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use burrow::{EventMeta, Publisher, Settings};
-use common::{node::free_port, proxy::Proxy, *};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_burrow");
+use common::{
+    bin::{self, Burrow, http_get, metric, sigterm},
+    node::free_port,
+    proxy::Proxy,
+    *,
+};
+use tokio::process::Child;
 
 /// One app run by the binary.
 struct BinApp {
     /// The same app as the binary sees it (queue names, cleanup, publishing).
     settings: Settings,
-    env: Vec<(String, String)>,
+    burrow: Burrow,
     http: SocketAddr,
     logs: PathBuf,
 }
@@ -36,89 +38,50 @@ impl BinApp {
         let mut settings = TestApp::new(prefix).delays_ms(&[300]).build();
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         settings.http.addr = Some(http);
-        let env = vec![
-            ("BURROW__AMQP__URL".to_owned(), url.unwrap_or_else(amqp_url)),
-            ("BURROW__APP__NAME".into(), settings.app.name.clone()),
-            (
-                "BURROW__AMQP__EXCHANGE".into(),
-                settings.amqp.exchange.clone(),
-            ),
-            ("BURROW__RETRY__DELAYS".into(), "300ms".into()),
-            ("BURROW__HTTP__ADDR".into(), http.to_string()),
-            ("BURROW__LOG__FORMAT".into(), "json".into()),
-            (
-                "BURROW__LOG__FILTER".into(),
-                "info,burrow::consumer=debug,lapin=error".into(),
-            ),
-            (
-                "BURROW_CONFIG_DIR".into(),
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config").into(),
-            ),
-        ];
+        let burrow = Burrow::new(&settings, &url.unwrap_or_else(amqp_url))
+            .with("BURROW__RETRY__DELAYS", "300ms")
+            .with("BURROW__LOG__FORMAT", "json")
+            .with(
+                "BURROW__LOG__FILTER",
+                "info,burrow::consumer=debug,lapin=error",
+            );
         let logs = std::env::temp_dir().join(unique("burrow-binary"));
         std::fs::create_dir_all(&logs).expect("log directory");
         Self {
             settings,
-            env,
+            burrow,
             http,
             logs,
         }
     }
 
     fn with(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_owned(), value.to_owned()));
+        self.burrow.set(key, value);
         self
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
     }
 
     /// Runs `burrow <args>` to the end: (exit code, stdout + stderr).
     async fn run(&self, args: &[&str]) -> (Option<i32>, String) {
-        let out = within(&format!("burrow {args:?}"), self.command(args).output())
-            .await
-            .expect("burrow runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        self.burrow.run(args).await
     }
 
-    /// Spawns `burrow <args>` logging to a file (a pipe nobody reads while
-    /// the process runs could fill up and block it). Killed when dropped.
+    /// Spawns `burrow <args>` logging to a file. Killed when dropped.
     fn spawn(&self, args: &[&str], log: &str) -> (Child, PathBuf) {
         let path = self.logs.join(log);
-        let file = std::fs::File::create(&path).expect("log file");
-        let child = self
-            .command(args)
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("burrow starts");
-        (child, path)
+        (self.burrow.spawn(args, &path), path)
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path).await
     }
 
+    /// Waits until `GET path` answers `code`; returns the body.
+    async fn wait_status(&self, path: &str, code: u16) -> String {
+        bin::wait_status(path, code, || self.get(path)).await
+    }
+
     async fn wait_ready(&self) {
-        within("/readyz to answer 200", async {
-            while self.get("/readyz").await.0 != 200 {
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-        .await;
+        self.wait_status("/readyz", 200).await;
     }
 }
 
@@ -126,51 +89,6 @@ impl Drop for BinApp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.logs);
     }
-}
-
-/// `GET path`: the status code and body (0 when nothing answers).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    match burrow::http::probe(addr, path).await {
-        Ok(body) => (200, body),
-        Err(e) => {
-            let text = e.to_string();
-            let code = text
-                .split("HTTP/1.")
-                .nth(1)
-                .and_then(|s| s.get(2..5))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            (code, text)
-        }
-    }
-}
-
-/// Sums the samples of `name` whose labels include every pair of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|line| {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("unparsable sample: {line}"))
-        })
-        .sum()
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("the child runs") as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0, "SIGTERM to burrow");
 }
 
 async fn exit_code(child: &mut Child, what: &str) -> Option<i32> {
@@ -439,17 +357,8 @@ async fn the_binary_reports_metrics_readiness_and_liveness_through_an_outage_and
     // The broker goes away: not ready, but alive (a restart would not help).
     proxy.refuse(true);
     proxy.cut();
-    within("/readyz to report reconnecting", async {
-        loop {
-            let (code, body) = app.get("/readyz").await;
-            if code == 503 {
-                assert!(body.contains("reconnecting"), "{body}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let body = app.wait_status("/readyz", 503).await;
+    assert!(body.contains("reconnecting"), "{body}");
     let (code, body) = app.get("/healthz").await;
     assert_eq!(code, 200, "reconnecting is alive: {body}");
     let (_, text) = app.get("/metrics").await;
@@ -461,17 +370,8 @@ async fn the_binary_reports_metrics_readiness_and_liveness_through_an_outage_and
     // stop is bounded by the shutdown timeout, not by the heartbeat.
     proxy.blackhole(true);
     sigterm(&worker);
-    within("/readyz to report draining", async {
-        loop {
-            let (code, body) = app.get("/readyz").await;
-            if code == 503 {
-                assert!(body.contains("draining"), "{body}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let body = app.wait_status("/readyz", 503).await;
+    assert!(body.contains("draining"), "{body}");
     // basic.cancel gets no answer through the blackhole: the worker stays
     // in the drain until the shutdown timeout, alive all along.
     let (code, body) = app.get("/healthz").await;

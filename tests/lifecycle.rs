@@ -17,7 +17,12 @@ use std::{
 };
 
 use burrow::{HandlerError, Publisher, Registry, Settings, Worker, WorkerState, config::AmqpUrl};
-use common::{node::Node, proxy::Proxy, *};
+use common::{
+    bin::{http_get, metric},
+    node::Node,
+    proxy::Proxy,
+    *,
+};
 use lapin::options::QueueDeleteOptions;
 use tokio::sync::{mpsc, oneshot};
 
@@ -461,42 +466,11 @@ async fn a_consumer_cancelled_by_the_broker_declares_again_and_resubscribes() {
 // /readyz, /healthz and /metrics
 // ---------------------------------------------------------------------------
 
-/// Sums the samples of `name` whose labels include every pair of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|line| {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("unparsable sample: {line}"))
-        })
-        .sum()
-}
-
-/// The status line's code and the body of `GET path`.
+/// The status line's code and the body of `GET path`; something must answer.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    match burrow::http::probe(addr, path).await {
-        Ok(body) => (200, body),
-        Err(e) => {
-            let text = e.to_string();
-            let code = text
-                .split("HTTP/1.")
-                .nth(1)
-                .and_then(|s| s.get(2..5))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("GET {path}: {text}"));
-            (code, text)
-        }
-    }
+    let (code, body) = http_get(addr, path).await;
+    assert_ne!(code, 0, "GET {path}: {body}");
+    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

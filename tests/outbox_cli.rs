@@ -16,19 +16,20 @@ mod pg;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use burrow::{EventMeta, Publisher, Settings, outbox};
 use chrono::NaiveDateTime;
 use common::{
-    CardAdded, Cleanup, TestApp, amqp_url, node::free_port, proxy::Proxy, unique, within,
+    CardAdded, Cleanup, TestApp, amqp_url,
+    bin::{self, Burrow, http_get, metric, sigterm},
+    node::free_port,
+    proxy::Proxy,
+    unique, within,
 };
 use pg::{Tap, TestDb, database_url};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_burrow");
+use tokio::process::Child;
 
 /// The event `handlers/feeds.rs` handles, as an app enqueues it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -83,7 +84,7 @@ fn url_at(url: &str, addr: SocketAddr) -> String {
 /// One app as the binary sees it.
 struct BinApp {
     settings: Settings,
-    env: Vec<(String, String)>,
+    burrow: Burrow,
     http: SocketAddr,
     password: String,
     logs: PathBuf,
@@ -100,32 +101,21 @@ impl BinApp {
         let mut settings = TestApp::new(prefix).delays_ms(&[300]).build();
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         settings.http.addr = Some(http);
-        let mut env = vec![
-            ("BURROW__AMQP__URL".to_owned(), amqp_url()),
-            ("BURROW__APP__NAME".into(), settings.app.name.clone()),
-            (
-                "BURROW__AMQP__EXCHANGE".into(),
-                settings.amqp.exchange.clone(),
-            ),
-            ("BURROW__RETRY__DELAYS".into(), "300ms".into()),
-            ("BURROW__HTTP__ADDR".into(), http.to_string()),
-            ("BURROW__POSTGRES__URL".into(), url.to_owned()),
-            ("BURROW__OUTBOX__POLL_INTERVAL".into(), "200ms".into()),
+        let mut burrow = Burrow::new(&settings, &amqp_url())
+            .without("APP_ENV")
+            .with("BURROW__RETRY__DELAYS", "300ms")
+            .with("BURROW__POSTGRES__URL", url)
+            .with("BURROW__OUTBOX__POLL_INTERVAL", "200ms")
             // Everything burrow logs, to search it for the password.
-            ("BURROW__LOG__FILTER".into(), "debug,lapin=warn".into()),
-            (
-                "BURROW_CONFIG_DIR".into(),
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config").into(),
-            ),
-        ];
+            .with("BURROW__LOG__FILTER", "debug,lapin=warn");
         if let Some(schema) = schema {
-            env.push(("BURROW__POSTGRES__SCHEMA".into(), schema.to_owned()));
+            burrow = burrow.with("BURROW__POSTGRES__SCHEMA", schema);
         }
         let logs = std::env::temp_dir().join(unique("burrow-outbox-cli"));
         std::fs::create_dir_all(&logs).expect("log directory");
         Self {
             settings,
-            env,
+            burrow,
             http,
             password: password.to_owned(),
             logs,
@@ -133,35 +123,16 @@ impl BinApp {
     }
 
     fn with(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_owned(), value.to_owned()));
+        self.burrow.set(key, value);
         self
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env_remove("RUST_LOG")
-            .env_remove("APP_ENV")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
     }
 
     /// Runs `burrow <args>` to the end: (exit code, stdout + stderr). The
     /// output never contains the password.
     async fn run(&self, args: &[&str]) -> (Option<i32>, String) {
-        let out = within(&format!("burrow {args:?}"), self.command(args).output())
-            .await
-            .expect("burrow runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (code, text) = self.burrow.run(args).await;
         self.assert_no_password(&format!("burrow {args:?}"), &text);
-        (out.status.code(), text)
+        (code, text)
     }
 
     /// Runs `burrow <args>`, which must succeed; returns its output.
@@ -171,18 +142,10 @@ impl BinApp {
         text
     }
 
-    /// Spawns `burrow <args>` logging to a file (a pipe nobody reads could
-    /// fill up and block it). Killed when dropped.
+    /// Spawns `burrow <args>` logging to a file. Killed when dropped.
     fn spawn(&self, args: &[&str], log: &str) -> (Child, PathBuf) {
         let path = self.logs.join(log);
-        let file = std::fs::File::create(&path).expect("log file");
-        let child = self
-            .command(args)
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("burrow starts");
-        (child, path)
+        (self.burrow.spawn(args, &path), path)
     }
 
     fn assert_no_password(&self, what: &str, text: &str) {
@@ -192,37 +155,17 @@ impl BinApp {
         );
     }
 
-    /// `GET path`: the status code and body (0 when nothing answers).
+    /// `GET path`: the status code and body (0 when nothing answers),
+    /// which never contains the password.
     async fn get(&self, path: &str) -> (u16, String) {
-        let (code, body) = match burrow::http::probe(self.http, path).await {
-            Ok(body) => (200, body),
-            Err(e) => {
-                let text = e.to_string();
-                let code = text
-                    .split("HTTP/1.")
-                    .nth(1)
-                    .and_then(|s| s.get(2..5))
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                (code, text)
-            }
-        };
+        let (code, body) = http_get(self.http, path).await;
         self.assert_no_password(path, &body);
         (code, body)
     }
 
     /// Waits until `GET path` answers `code`; returns the body.
     async fn wait_status(&self, path: &str, code: u16) -> String {
-        within(&format!("{path} to answer {code}"), async {
-            loop {
-                let (got, body) = self.get(path).await;
-                if got == code {
-                    return body;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-        .await
+        bin::wait_status(path, code, || self.get(path)).await
     }
 }
 
@@ -267,13 +210,6 @@ where
     .await
 }
 
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("the child runs") as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0, "SIGTERM to burrow");
-}
-
 /// SIGTERM, then the exit code and everything the process logged.
 async fn stop(app: &BinApp, child: &mut Child, log: &Path) -> (Option<i32>, String) {
     sigterm(child);
@@ -283,27 +219,6 @@ async fn stop(app: &BinApp, child: &mut Child, log: &Path) -> (Option<i32>, Stri
     let text = std::fs::read_to_string(log).expect("the log");
     app.assert_no_password("the log", &text);
     (status.code(), text)
-}
-
-/// Sums the samples of `name` whose labels include every pair of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|line| {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("unparsable sample: {line}"))
-        })
-        .sum()
 }
 
 /// One data row of `burrow outbox audit`.

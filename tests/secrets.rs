@@ -7,12 +7,13 @@
 
 mod common;
 
-use std::{net::TcpListener, process::Stdio, time::Duration};
+use std::time::Duration;
 
-use common::*;
-use tokio::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_burrow");
+use common::{
+    bin::{Burrow, sigterm},
+    node::free_port,
+    *,
+};
 
 struct User(String);
 
@@ -44,54 +45,6 @@ fn url_as(user: &str, password: &str) -> String {
     format!("{scheme}://{user}:{password}@{host}")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs `burrow <args>` with the environment, returns (exit code, stdout+stderr).
-async fn burrow(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String) {
-    let out = within(
-        &format!("burrow {args:?}"),
-        Command::new(BIN)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("burrow runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
-
-/// Spawns `burrow <args>` with stdout and stderr going to a file (a pipe
-/// nobody reads while the process runs could fill up and block it).
-fn spawn_logged(
-    env: &[(String, String)],
-    args: &[&str],
-    log: &std::path::Path,
-) -> tokio::process::Child {
-    let file = std::fs::File::create(log).expect("log file");
-    Command::new(BIN)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .expect("burrow starts")
-}
-
 fn assert_clean(what: &str, text: &str, password: &str) {
     assert!(
         !text.contains(password),
@@ -111,21 +64,11 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
     rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
 
     let http = format!("127.0.0.1:{}", free_port());
-    let env = |url: String| -> Vec<(String, String)> {
-        vec![
-            ("BURROW__AMQP__URL".into(), url),
-            ("BURROW__APP__NAME".into(), settings.app.name.clone()),
-            (
-                "BURROW__AMQP__EXCHANGE".into(),
-                settings.amqp.exchange.clone(),
-            ),
-            ("BURROW__RETRY__DELAYS".into(), "300ms".into()),
-            ("BURROW__HTTP__ADDR".into(), http.clone()),
-            (
-                "BURROW_CONFIG_DIR".into(),
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config").into(),
-            ),
-        ]
+    let env = |url: String| {
+        Burrow::new(&settings, &url)
+            .with("BURROW__RETRY__DELAYS", "300ms")
+            .with("BURROW__HTTP__ADDR", &http)
+            .with("RUST_LOG", "debug")
     };
     let good = env(url_as(&user.0, &password));
     let bad = env(url_as(&user.0, &format!("{password}-wrong")));
@@ -134,7 +77,7 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
     let logs = std::env::temp_dir().join(unique("burrow-secrets"));
     std::fs::create_dir_all(&logs).unwrap();
     let worker_log = logs.join("run.log");
-    let mut worker = spawn_logged(&good, &["run"], &worker_log);
+    let mut worker = good.spawn(&["run"], &worker_log);
     let addr = http.parse().unwrap();
     within("the worker to be ready", async {
         while burrow::http::probe(addr, "/readyz").await.is_err() {
@@ -163,7 +106,7 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
         vec!["healthcheck"],
         vec!["healthcheck", "--endpoint", "readyz"],
     ] {
-        let (_, text) = burrow(&good, &args).await;
+        let (_, text) = good.run(&args).await;
         assert_clean(&format!("burrow {args:?}"), &text, &password);
         transcript.push_str(&text);
     }
@@ -192,13 +135,11 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
     ] {
         if args[0] == "drain" || args[0] == "demo" {
             // These keep retrying the connection; give them a moment, then stop them.
-            let mut env = bad.clone();
-            env.push((
-                "BURROW__HTTP__ADDR".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ));
+            let env = bad
+                .clone()
+                .with("BURROW__HTTP__ADDR", &format!("127.0.0.1:{}", free_port()));
             let log = logs.join(format!("{}.log", args[0]));
-            let mut child = spawn_logged(&env, &args, &log);
+            let mut child = env.spawn(&args, &log);
             // Both retry the connection forever: wait until the log shows a
             // failed attempt, then stop them and check what they printed.
             within("a failed connection attempt in the log", async {
@@ -220,7 +161,7 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
             );
             continue;
         }
-        let (code, text) = burrow(&bad, &args).await;
+        let (code, text) = bad.run(&args).await;
         assert_ne!(
             code,
             Some(0),
@@ -238,11 +179,7 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
     }
 
     // Stop the worker (SIGTERM) and search everything it logged.
-    let pid = worker.id().expect("worker pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    sigterm(&worker);
     let status = within("the worker to drain", worker.wait()).await.unwrap();
     assert!(
         status.success(),

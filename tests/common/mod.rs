@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod node;
 pub mod proxy;
 
