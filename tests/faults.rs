@@ -32,16 +32,16 @@ mod scenario;
 #[path = "faults/worker.rs"]
 mod worker;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use burrow::RetryLadder;
 use common::{
-    Cleanup, amqp_url,
+    amqp_url,
     node::{self, Node},
     proxy::Proxy,
 };
 use scenario::*;
-use worker::{Behaviour, CHILD_ENV, WorkerConfig, WorkerProcess};
+use worker::{Behaviour, CHILD_ENV};
 
 /// The worker process of the scenarios: runs only when they start this
 /// binary with `FAULTS_WORKER` set; otherwise there is nothing to do.
@@ -57,18 +57,6 @@ fn fault_worker_child() {
 /// How long a worker may take to start consuming.
 const WAIT_START: Duration = Duration::from_secs(60);
 
-/// How long a scenario may take to settle after its faults.
-fn settle_limit(n: usize) -> Duration {
-    Duration::from_secs(120 + (n / 50) as u64)
-}
-
-fn behaviours(events: &[(String, worker::FaultEvent)]) -> HashMap<String, Behaviour> {
-    events
-        .iter()
-        .map(|(id, e)| (id.clone(), e.behaviour))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // 1. The worker SIGKILLed at random moments
 // ---------------------------------------------------------------------------
@@ -76,73 +64,43 @@ fn behaviours(events: &[(String, worker::FaultEvent)]) -> HashMap<String, Behavi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s1_worker_sigkilled_at_random_moments() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s1-sigkill");
-    let mut ledger = ws.ledger();
-    let config = WorkerConfig::new("s1", &amqp_url(), ledger.path());
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&config.settings());
-    declare(&config, &config.url).await;
+    let mut flow = Flow::new("s1-sigkill", &amqp_url(), |_| {}, |_| Behaviour::Ok).await;
+    let publishing = flow.publishing(Duration::from_secs(30)).await;
 
-    let events = events(profile.n, |_| Behaviour::Ok);
-    let behaviours = behaviours(&events);
-    let publisher = publisher(&config, &config.url, Duration::from_secs(30)).await;
-    let confirmed = Confirmed::default();
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        events,
-        256,
-        confirmed.clone(),
-    ));
-
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
+    let mut worker = flow.worker();
     let mut kills = Vec::new();
     // The faults strike at random points of the flow.
-    for (k, point) in (1..).zip(fault_points(profile.n, profile.kills)) {
-        wait_handled(&mut ledger, point, settle_limit(profile.n)).await;
+    for (k, point) in (1..).zip(fault_points(flow.profile.n, flow.profile.kills)) {
+        flow.wait_handled(point).await;
         worker.assert_running();
         worker.kill();
         kills.push(now());
-        ledger.refresh();
+        flow.ledger.refresh();
         println!(
             "kill {k}: SIGKILL with {} of {} confirmed events handled",
-            ledger.handled().len(),
-            confirmed.count()
+            flow.ledger.handled().len(),
+            flow.confirmed.count()
         );
         // The supervisor (systemd, Kubernetes) starts it again.
-        worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-        worker.consuming(&mut ledger, WAIT_START).await;
+        worker = flow.worker();
+        worker.consuming(&mut flow.ledger, WAIT_START).await;
     }
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        None,
-        settle_limit(profile.n),
-    )
-    .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(30)).await;
-    publisher.close().await;
+    let tally = flow.settle(Some(publishing), None).await;
+    flow.stop(&mut worker, Duration::from_secs(30), None).await;
 
-    let recovery = describe_recoveries(&recoveries(&ledger, &kills));
-    report(
-        &format!("1 worker SIGKILL x{}", profile.kills),
-        profile.n,
+    let recovery = describe_recoveries(&recoveries(&flow.ledger, &kills));
+    flow.report(
+        &format!("1 worker SIGKILL x{}", flow.profile.kills),
         &tally,
         &recovery,
     );
     assert_eq!(
-        confirmed.failed(),
+        flow.confirmed.failed(),
         0,
         "publishing to a healthy broker fails"
     );
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -165,51 +123,42 @@ fn s4_behaviour(i: usize) -> Behaviour {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s4_handlers_that_panic_and_hang() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s4-panic-hang");
-    let mut ledger = ws.ledger();
-    let mut config = WorkerConfig::new("s4", &amqp_url(), ledger.path());
-    // A hang is a handler still running at the timeout; the ladder is short
-    // so that the ones that always fail reach the dead-letter queue soon.
-    config.handler_timeout_ms = 500;
-    config.delays_ms = vec![200, 400];
-    let settings = config.settings();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&settings);
-    declare(&config, &config.url).await;
-
-    let events = events(profile.n, s4_behaviour);
-    let behaviours = behaviours(&events);
-    let started = now();
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-    let publisher = publisher(&config, &config.url, Duration::from_secs(30)).await;
-    let confirmed = Confirmed::default();
-    publish_all(publisher.clone(), events, 256, confirmed.clone()).await;
-    let inspector = Inspector::connect(&config.url).await;
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        Some((&inspector, &settings.dead_letter_queue())),
-        settle_limit(profile.n),
+    let mut flow = Flow::new(
+        "s4-panic-hang",
+        &amqp_url(),
+        |config| {
+            // A hang is a handler still running at the timeout; the ladder
+            // is short so that the ones that always fail reach the
+            // dead-letter queue soon.
+            config.handler_timeout_ms = 500;
+            config.delays_ms = vec![200, 400];
+        },
+        s4_behaviour,
     )
     .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(30)).await;
-    inspector.close().await;
-    publisher.close().await;
+
+    let started = now();
+    let mut worker = flow.worker();
+    flow.connect(Duration::from_secs(30)).await;
+    let events = std::mem::take(&mut flow.events);
+    flow.publish(events, 256).await;
+    let inspector = Inspector::connect(&flow.config.url).await;
+    let dead_queue = flow.config.settings().dead_letter_queue();
+    let tally = flow.settle(None, Some((&inspector, &dead_queue))).await;
+    flow.stop(&mut worker, Duration::from_secs(30), Some(inspector))
+        .await;
 
     // The ones that fail once must have succeeded on a later attempt (they
     // went through the retry ladder), not on a redelivery of attempt 1.
     let mut not_retried = Vec::new();
-    for id in &confirmed_ids {
+    for id in &flow.confirmed.ids() {
         let once = matches!(
-            behaviours[id],
+            flow.behaviours[id],
             Behaviour::PanicOnce | Behaviour::HangOnce | Behaviour::FailOnce
         );
         if once
-            && !ledger
+            && !flow
+                .ledger
                 .executions(id)
                 .iter()
                 .any(|e| e.outcome == "ok" && e.attempt >= 2)
@@ -219,9 +168,9 @@ async fn s4_handlers_that_panic_and_hang() {
     }
     let recovery = format!(
         "all settled {} after the start",
-        secs(ledger.last_success().unwrap_or(started) - started)
+        secs(flow.ledger.last_success().unwrap_or(started) - started)
     );
-    report("4 handler panics + hangs", profile.n, &tally, &recovery);
+    flow.report("4 handler panics + hangs", &tally, &recovery);
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
     assert!(
         tally.wrong_reason.is_empty(),
@@ -232,7 +181,7 @@ async fn s4_handlers_that_panic_and_hang() {
         not_retried.is_empty(),
         "events that fail once did not succeed on a retry: {not_retried:?}"
     );
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -242,67 +191,37 @@ async fn s4_handlers_that_panic_and_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s6_worker_sigterm_under_load() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s6-sigterm");
-    let mut ledger = ws.ledger();
-    let config = WorkerConfig::new("s6", &amqp_url(), ledger.path());
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&config.settings());
-    declare(&config, &config.url).await;
+    let mut flow = Flow::new("s6-sigterm", &amqp_url(), |_| {}, |_| Behaviour::Ok).await;
+    let publishing = flow.publishing(Duration::from_secs(30)).await;
 
-    let events = events(profile.n, |_| Behaviour::Ok);
-    let behaviours = behaviours(&events);
-    let publisher = publisher(&config, &config.url, Duration::from_secs(30)).await;
-    let confirmed = Confirmed::default();
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        events,
-        256,
-        confirmed.clone(),
-    ));
-
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
+    let mut worker = flow.worker();
     let mut stops = Vec::new();
-    for (k, point) in (1..).zip(fault_points(profile.n, profile.kills)) {
-        wait_handled(&mut ledger, point, settle_limit(profile.n)).await;
+    for (k, point) in (1..).zip(fault_points(flow.profile.n, flow.profile.kills)) {
+        flow.wait_handled(point).await;
         worker.assert_running();
         let status = worker.terminate(Duration::from_secs(60)).await;
         stops.push(now());
         assert!(status.success(), "SIGTERM ends the worker with 0: {status}");
-        ledger.refresh();
+        flow.ledger.refresh();
         println!(
             "stop {k}: SIGTERM drained with {} of {} confirmed events handled",
-            ledger.handled().len(),
-            confirmed.count()
+            flow.ledger.handled().len(),
+            flow.confirmed.count()
         );
-        worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-        worker.consuming(&mut ledger, WAIT_START).await;
+        worker = flow.worker();
+        worker.consuming(&mut flow.ledger, WAIT_START).await;
     }
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        None,
-        settle_limit(profile.n),
-    )
-    .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(60)).await;
-    publisher.close().await;
+    let tally = flow.settle(Some(publishing), None).await;
+    flow.stop(&mut worker, Duration::from_secs(60), None).await;
 
-    let recovery = describe_recoveries(&recoveries(&ledger, &stops));
-    report(
-        &format!("6 worker SIGTERM x{}", profile.kills),
-        profile.n,
+    let recovery = describe_recoveries(&recoveries(&flow.ledger, &stops));
+    flow.report(
+        &format!("6 worker SIGTERM x{}", flow.profile.kills),
         &tally,
         &recovery,
     );
     assert_eq!(
-        confirmed.failed(),
+        flow.confirmed.failed(),
         0,
         "publishing to a healthy broker fails"
     );
@@ -311,7 +230,7 @@ async fn s6_worker_sigterm_under_load() {
         tally.duplicates, 0,
         "a graceful stop must not hand any event twice: {tally:?}"
     );
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -321,23 +240,31 @@ async fn s6_worker_sigterm_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s2_broker_killed_and_restarted() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s2-broker-kill");
-    let mut ledger = ws.ledger();
     let mut node = Node::start("faults2").await;
-    let mut config = WorkerConfig::new("s2", &node.url(), ledger.path());
-    // A slow worker keeps a backlog in the app queue, and a 5 s retry step
-    // keeps the events that fail once in their retry queue, at the kill.
-    config.work_ms = 2;
-    config.concurrency = 4;
-    config.delays_ms = vec![5_000];
-    let settings = config.settings();
+    let mut flow = Flow::new(
+        "s2-broker-kill",
+        &node.url(),
+        |config| {
+            // A slow worker keeps a backlog in the app queue, and a 5 s
+            // retry step keeps the events that fail once in their retry
+            // queue, at the kill.
+            config.work_ms = 2;
+            config.concurrency = 4;
+            config.delays_ms = vec![5_000];
+        },
+        |i| match i % 20 {
+            0 => Behaviour::FailOnce,
+            1 => Behaviour::Permanent,
+            _ => Behaviour::Ok,
+        },
+    )
+    .await;
+    let settings = flow.config.settings();
     let app_queue = settings.app_queue();
     let retry_queue = RetryLadder::new(&app_queue, &settings.retry.delays).steps()[0]
         .queue
         .clone();
     let dead_queue = settings.dead_letter_queue();
-    declare(&config, &config.url).await;
     // RabbitMQ 3.10 records a new quorum queue's Ra server in a DETS file it
     // flushes lazily: a node kill -9'd seconds after the declaration comes
     // back without the queue ("leader not known"; see RELIABILITY.md). In
@@ -345,27 +272,14 @@ async fn s2_broker_killed_and_restarted() {
     // clean restart gives the test the same footing.
     node.restart().await;
 
-    let events = events(profile.n, |i| match i % 20 {
-        0 => Behaviour::FailOnce,
-        1 => Behaviour::Permanent,
-        _ => Behaviour::Ok,
-    });
-    let behaviours = behaviours(&events);
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-    let publisher = publisher(&config, &config.url, Duration::from_secs(90)).await;
-    let confirmed = Confirmed::default();
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        events,
-        256,
-        confirmed.clone(),
-    ));
+    let mut worker = flow.worker();
+    let publishing = flow.publishing(Duration::from_secs(90)).await;
 
     // The fault strikes once messages sit in the app, retry and dead queues.
-    let inspector = Inspector::connect(&config.url).await;
+    let inspector = Inspector::connect(&flow.config.url).await;
     let before = bounded(
         "messages in the app, retry and dead queues",
-        settle_limit(profile.n),
+        flow.limit(),
         async {
             loop {
                 let counts = (
@@ -386,7 +300,7 @@ async fn s2_broker_killed_and_restarted() {
     let killed_at = now();
     node.restart().await;
     let back_at = now();
-    let inspector = Inspector::connect(&config.url).await;
+    let inspector = Inspector::connect(&flow.config.url).await;
     // Nothing consumes the dead-letter queue: what it held before the kill
     // must be there again once the queue has recovered its log.
     let mut dead_after = 0;
@@ -407,29 +321,18 @@ async fn s2_broker_killed_and_restarted() {
         secs(now() - back_at)
     );
 
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        Some((&inspector, &dead_queue)),
-        settle_limit(profile.n),
-    )
-    .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(60)).await;
-    inspector.close().await;
-    publisher.close().await;
+    let tally = flow
+        .settle(Some(publishing), Some((&inspector, &dead_queue)))
+        .await;
+    flow.stop(&mut worker, Duration::from_secs(60), Some(inspector))
+        .await;
 
     let recovery = format!(
         "{} after the broker was back ({} down)",
-        describe_recoveries(&recoveries(&ledger, &[back_at])),
+        describe_recoveries(&recoveries(&flow.ledger, &[back_at])),
         secs(back_at - killed_at)
     );
-    report("2 broker kill -9 + restart", profile.n, &tally, &recovery);
+    flow.report("2 broker kill -9 + restart", &tally, &recovery);
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
     assert!(
         dead_after >= before.2,
@@ -441,7 +344,7 @@ async fn s2_broker_killed_and_restarted() {
         "dead letters with the wrong reason: {:?}",
         tally.wrong_reason
     );
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -451,90 +354,74 @@ async fn s2_broker_killed_and_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s3_network_cut_and_blackhole() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s3-network");
-    let mut ledger = ws.ledger();
     let node = Node::start("faults3").await;
     let proxy = Proxy::start(node.addr()).await;
-    let mut config = WorkerConfig::new("s3", &proxy.url(), ledger.path());
-    // RabbitMQ closes a connection after two missed heartbeats: 4 s here.
-    config.heartbeat = 2;
-    config.work_ms = 1;
-    config.concurrency = 8;
+    // Declared at the node itself; the worker and the publisher go through
+    // the proxy.
+    let mut flow = Flow::new(
+        "s3-network",
+        &node.url(),
+        |config| {
+            config.url = proxy.url();
+            // RabbitMQ closes a connection after two missed heartbeats: 4 s
+            // here.
+            config.heartbeat = 2;
+            config.work_ms = 1;
+            config.concurrency = 8;
+        },
+        |_| Behaviour::Ok,
+    )
+    .await;
     let blackhole_for = Duration::from_secs(10);
-    declare(&config, &node.url()).await;
 
-    let events = events(profile.n, |_| Behaviour::Ok);
-    let behaviours = behaviours(&events);
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
+    let mut worker = flow.worker();
     // The publisher goes through the proxy too, with the same heartbeat.
-    let publisher = publisher(&config, &proxy.url(), Duration::from_secs(90)).await;
-    let confirmed = Confirmed::default();
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        events,
-        256,
-        confirmed.clone(),
-    ));
+    let publishing = flow.publishing(Duration::from_secs(90)).await;
 
-    let points = fault_points(profile.n, 2);
-    wait_handled(&mut ledger, points[0], settle_limit(profile.n)).await;
+    let points = fault_points(flow.profile.n, 2);
+    flow.wait_handled(points[0]).await;
     proxy.cut();
     let cut_at = now();
     println!(
         "cut every connection with {} events handled",
-        ledger.handled().len()
+        flow.ledger.handled().len()
     );
-    wait_handled(&mut ledger, points[1], settle_limit(profile.n)).await;
+    flow.wait_handled(points[1]).await;
     proxy.blackhole(true);
     println!(
         "blackhole for {blackhole_for:?} (heartbeat {} s) with {} events handled",
-        config.heartbeat,
-        ledger.handled().len()
+        flow.config.heartbeat,
+        flow.ledger.handled().len()
     );
     // The fault lasts this long; nothing waits on it.
     tokio::time::sleep(blackhole_for).await;
     proxy.blackhole(false);
     let healed_at = now();
 
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        None,
-        settle_limit(profile.n),
-    )
-    .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(60)).await;
-    publisher.close().await;
+    let tally = flow.settle(Some(publishing), None).await;
+    flow.stop(&mut worker, Duration::from_secs(60), None).await;
 
-    let after = recoveries(&ledger, &[cut_at, healed_at]);
+    let after = recoveries(&flow.ledger, &[cut_at, healed_at]);
     let recovery = format!(
         "cut {}, blackhole {} after it ended",
         secs(after[0]),
         secs(after[1])
     );
-    report(
+    flow.report(
         &format!(
             "3 network cut + {}s blackhole (heartbeat {}s)",
             blackhole_for.as_secs(),
-            config.heartbeat
+            flow.config.heartbeat
         ),
-        profile.n,
         &tally,
         &recovery,
     );
     println!(
         "publishes not confirmed (the publisher was told): {}",
-        confirmed.failed()
+        flow.confirmed.failed()
     );
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -544,23 +431,17 @@ async fn s3_network_cut_and_blackhole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s5_memory_alarm_blocks_publishers() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s5-alarm");
-    let mut ledger = ws.ledger();
     let node = Node::start("faults5").await;
-    let config = WorkerConfig::new("s5", &node.url(), ledger.path());
+    let mut flow = Flow::new("s5-alarm", &node.url(), |_| {}, |_| Behaviour::Ok).await;
     let hold = Duration::from_secs(10);
-    declare(&config, &config.url).await;
 
-    let mut events = events(profile.n, |_| Behaviour::Ok);
-    let behaviours = behaviours(&events);
-    let second_half = events.split_off(profile.n / 2);
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-    worker.consuming(&mut ledger, WAIT_START).await;
+    let second_half = flow.events.split_off(flow.profile.n / 2);
+    let mut worker = flow.worker();
+    worker.consuming(&mut flow.ledger, WAIT_START).await;
     // Blocked publishes wait for their confirm as long as the alarm lasts.
-    let publisher = publisher(&config, &config.url, Duration::from_secs(300)).await;
-    let confirmed = Confirmed::default();
-    publish_all(publisher.clone(), events, 256, confirmed.clone()).await;
+    flow.connect(Duration::from_secs(300)).await;
+    let first_half = std::mem::take(&mut flow.events);
+    flow.publish(first_half, 256).await;
     let rss_before = rss_kib();
 
     node.ctl_ok(&["set_vm_memory_high_watermark", "0.00001"])
@@ -568,12 +449,7 @@ async fn s5_memory_alarm_blocks_publishers() {
     let alarm_at = now();
     // Four times more callers than the publisher's window
     // (publisher.max_in_flight = 1024): the window must hold them back.
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        second_half,
-        4096,
-        confirmed.clone(),
-    ));
+    let publishing = tokio::spawn(flow.publish(second_half, 4096));
     wait_until(
         "the broker to block the publisher's connection",
         Duration::from_secs(60),
@@ -585,7 +461,7 @@ async fn s5_memory_alarm_blocks_publishers() {
         },
     )
     .await;
-    let confirmed_at_block = confirmed.count();
+    let confirmed_at_block = flow.confirmed.count();
     let mut rss_max = rss_kib();
     let hold_until = std::time::Instant::now() + hold;
     // The alarm lasts `hold`; RSS is sampled meanwhile.
@@ -593,25 +469,12 @@ async fn s5_memory_alarm_blocks_publishers() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         rss_max = rss_max.max(rss_kib());
     }
-    let confirmed_while_blocked = confirmed.count() - confirmed_at_block;
+    let confirmed_while_blocked = flow.confirmed.count() - confirmed_at_block;
     node.ctl_ok(&["set_vm_memory_high_watermark", "0.4"]).await;
     let cleared_at = now();
 
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        None,
-        settle_limit(profile.n),
-    )
-    .await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(60)).await;
-    publisher.close().await;
+    let tally = flow.settle(Some(publishing), None).await;
+    flow.stop(&mut worker, Duration::from_secs(60), None).await;
 
     let growth_mib = rss_max.saturating_sub(rss_before) / 1024;
     println!(
@@ -623,17 +486,12 @@ async fn s5_memory_alarm_blocks_publishers() {
     );
     let recovery = format!(
         "{} after the alarm cleared (RSS +{growth_mib} MiB while blocked)",
-        describe_recoveries(&recoveries(&ledger, &[cleared_at]))
+        describe_recoveries(&recoveries(&flow.ledger, &[cleared_at]))
     );
-    report(
-        "5 memory alarm (publishers blocked)",
-        profile.n,
-        &tally,
-        &recovery,
-    );
+    flow.report("5 memory alarm (publishers blocked)", &tally, &recovery);
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
     assert_eq!(
-        confirmed.failed(),
+        flow.confirmed.failed(),
         0,
         "blocked publishes must wait, not fail, within the confirm timeout"
     );
@@ -643,7 +501,7 @@ async fn s5_memory_alarm_blocks_publishers() {
         growth_mib < 64,
         "RSS grew by {growth_mib} MiB while the publisher was blocked"
     );
-    ws.passed();
+    flow.ws.passed();
 }
 
 // ---------------------------------------------------------------------------
@@ -667,15 +525,11 @@ async fn leader_of(node: &Node, queue: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: make faults"]
 async fn s7_cluster_loses_the_queue_leader() {
-    let profile = Profile::from_env();
-    let mut ws = Workspace::new("s7-cluster");
-    let mut ledger = ws.ledger();
     let mut nodes = node::cluster("faults7-", 3).await;
     // Declared through the third node: quorum queues are led by the node
     // the declaring client is connected to (queue_leader_locator client-local).
-    let mut config = WorkerConfig::new("s7", &nodes[2].url(), ledger.path());
-    let app_queue = config.settings().app_queue();
-    declare(&config, &nodes[2].url()).await;
+    let mut flow = Flow::new("s7-cluster", &nodes[2].url(), |_| {}, |_| Behaviour::Ok).await;
+    let app_queue = flow.config.settings().app_queue();
     let leader = leader_of(&nodes[0], &app_queue).await;
     let doomed = nodes
         .iter()
@@ -684,56 +538,29 @@ async fn s7_cluster_loses_the_queue_leader() {
     // Clients stay on a node that survives: burrow has one broker URL (in
     // production, a load balancer in front of the cluster).
     let client = (doomed + 1) % nodes.len();
-    config.url = nodes[client].url();
+    flow.config.url = nodes[client].url();
 
-    let events = events(profile.n, |_| Behaviour::Ok);
-    let behaviours = behaviours(&events);
-    let mut worker = WorkerProcess::spawn(&config, &ws.log("worker"));
-    let publisher = publisher(&config, &config.url, Duration::from_secs(90)).await;
-    let confirmed = Confirmed::default();
-    let publishing = tokio::spawn(publish_all(
-        publisher.clone(),
-        events,
-        256,
-        confirmed.clone(),
-    ));
+    let mut worker = flow.worker();
+    let publishing = flow.publishing(Duration::from_secs(90)).await;
 
-    let point = fault_points(profile.n, 1)[0];
-    wait_handled(&mut ledger, point, settle_limit(profile.n)).await;
-    let handled_at_kill = ledger.handled().len();
+    let point = fault_points(flow.profile.n, 1)[0];
+    flow.wait_handled(point).await;
+    let handled_at_kill = flow.ledger.handled().len();
     nodes[doomed].kill().await;
     let killed_at = now();
 
-    bounded("the publishing", settle_limit(profile.n), publishing)
-        .await
-        .expect("publishing task");
-    let confirmed_ids = confirmed.ids();
-    let tally = settle(
-        &mut ledger,
-        &confirmed_ids,
-        &behaviours,
-        None,
-        settle_limit(profile.n),
-    )
-    .await;
+    let tally = flow.settle(Some(publishing), None).await;
     let new_leader = leader_of(&nodes[client], &app_queue).await;
-    worker.assert_running();
-    worker.terminate(Duration::from_secs(60)).await;
-    publisher.close().await;
+    flow.stop(&mut worker, Duration::from_secs(60), None).await;
 
     println!(
         "killed {leader} (leader of {app_queue}) with {handled_at_kill} events handled; new leader {new_leader}; \
          publishes not confirmed: {}",
-        confirmed.failed()
+        flow.confirmed.failed()
     );
-    let recovery = describe_recoveries(&recoveries(&ledger, &[killed_at]));
-    report(
-        "7 quorum leader node kill -9 (3 nodes)",
-        profile.n,
-        &tally,
-        &recovery,
-    );
+    let recovery = describe_recoveries(&recoveries(&flow.ledger, &[killed_at]));
+    flow.report("7 quorum leader node kill -9 (3 nodes)", &tally, &recovery);
     assert_ne!(new_leader, leader, "a new leader was elected");
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
-    ws.passed();
+    flow.ws.passed();
 }

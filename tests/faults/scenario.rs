@@ -20,9 +20,12 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
+use tokio::task::JoinHandle;
+
 use super::{
+    common::{Cleanup, amqp_url},
     ledger::{Ledger, now_ms},
-    worker::{Behaviour, FaultEvent, WorkerConfig, registry},
+    worker::{Behaviour, FaultEvent, WorkerConfig, WorkerProcess, registry},
 };
 
 /// Sizes of a run: `FAULTS_N` events (default 20000), `FAULTS_KILLS`
@@ -475,4 +478,161 @@ pub fn rss_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// How long a scenario may take to settle after its faults.
+pub fn settle_limit(n: usize) -> Duration {
+    Duration::from_secs(120 + (n / 50) as u64)
+}
+
+/// Each event's behaviour, by id.
+pub fn behaviours(events: &[(String, FaultEvent)]) -> HashMap<String, Behaviour> {
+    events
+        .iter()
+        .map(|(id, e)| (id.clone(), e.behaviour))
+        .collect()
+}
+
+/// What a scenario runs on: its sizes, files, worker config and events, the
+/// publisher once connected and the ids it got confirmed. The fields drop
+/// in order: the publisher, then the cleanup, the workspace last.
+pub struct Flow {
+    pub publisher: Option<Publisher>,
+    _cleanup: Cleanup,
+    pub profile: Profile,
+    pub config: WorkerConfig,
+    /// The events not yet handed to a publishing.
+    pub events: Vec<(String, FaultEvent)>,
+    pub behaviours: HashMap<String, Behaviour>,
+    pub confirmed: Confirmed,
+    pub ledger: Ledger,
+    pub ws: Workspace,
+}
+
+impl Flow {
+    /// The workspace `name` (its part before the first `-` prefixes the
+    /// app's names), a worker config at `url` changed by `tune`, the app's
+    /// topology declared at `url`, and `FAULTS_N` events whose behaviours
+    /// `pick` decides. An app on the shared broker is deleted at the end.
+    pub async fn new(
+        name: &str,
+        url: &str,
+        tune: impl FnOnce(&mut WorkerConfig),
+        pick: impl Fn(usize) -> Behaviour,
+    ) -> Self {
+        let profile = Profile::from_env();
+        let ws = Workspace::new(name);
+        let ledger = ws.ledger();
+        let prefix = name.split('-').next().unwrap_or(name);
+        let mut config = WorkerConfig::new(prefix, url, ledger.path());
+        tune(&mut config);
+        let mut cleanup = Cleanup::new();
+        if config.url == amqp_url() {
+            cleanup.app(&config.settings());
+        }
+        declare(&config, url).await;
+        let events = events(profile.n, pick);
+        let behaviours = behaviours(&events);
+        Self {
+            publisher: None,
+            _cleanup: cleanup,
+            profile,
+            config,
+            events,
+            behaviours,
+            confirmed: Confirmed::default(),
+            ledger,
+            ws,
+        }
+    }
+
+    /// How long the flow may take to settle after its faults.
+    pub fn limit(&self) -> Duration {
+        settle_limit(self.profile.n)
+    }
+
+    /// Starts a worker process (logging to `worker.log`).
+    pub fn worker(&self) -> WorkerProcess {
+        WorkerProcess::spawn(&self.config, &self.ws.log("worker"))
+    }
+
+    /// Connects the flow's publisher at the worker's URL with a confirm
+    /// timeout.
+    pub async fn connect(&mut self, confirm_timeout: Duration) -> Publisher {
+        let publisher = publisher(&self.config, &self.config.url, confirm_timeout).await;
+        self.publisher = Some(publisher.clone());
+        publisher
+    }
+
+    /// Publishes `events` through the connected publisher, `concurrency` at
+    /// a time, recording the confirmed ids.
+    pub fn publish(
+        &self,
+        events: Vec<(String, FaultEvent)>,
+        concurrency: usize,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let publisher = self.publisher.clone().expect("the publisher is connected");
+        publish_all(publisher, events, concurrency, self.confirmed.clone())
+    }
+
+    /// Connects the publisher and publishes every event left, 256 at a
+    /// time, in a task of its own.
+    pub async fn publishing(&mut self, confirm_timeout: Duration) -> JoinHandle<()> {
+        self.connect(confirm_timeout).await;
+        let events = std::mem::take(&mut self.events);
+        tokio::spawn(self.publish(events, 256))
+    }
+
+    /// Waits (bounded) until `point` events are handled.
+    pub async fn wait_handled(&mut self, point: usize) {
+        let limit = self.limit();
+        wait_handled(&mut self.ledger, point, limit).await;
+    }
+
+    /// Waits for the `publishing` task to end, if any, then [`settle`]s the
+    /// confirmed ids.
+    pub async fn settle(
+        &mut self,
+        publishing: Option<JoinHandle<()>>,
+        dead: Option<(&Inspector, &str)>,
+    ) -> Tally {
+        if let Some(publishing) = publishing {
+            bounded("the publishing", self.limit(), publishing)
+                .await
+                .expect("publishing task");
+        }
+        let confirmed_ids = self.confirmed.ids();
+        let limit = self.limit();
+        settle(
+            &mut self.ledger,
+            &confirmed_ids,
+            &self.behaviours,
+            dead,
+            limit,
+        )
+        .await
+    }
+
+    /// Checks the worker still runs and stops it (SIGTERM, waiting at most
+    /// `within`), then closes the inspector, if any, and the publisher.
+    pub async fn stop(
+        &mut self,
+        worker: &mut WorkerProcess,
+        within: Duration,
+        inspector: Option<Inspector>,
+    ) {
+        worker.assert_running();
+        worker.terminate(within).await;
+        if let Some(inspector) = inspector {
+            inspector.close().await;
+        }
+        if let Some(publisher) = self.publisher.take() {
+            publisher.close().await;
+        }
+    }
+
+    /// Prints the result line of `scenario`.
+    pub fn report(&self, scenario: &str, tally: &Tally, recovery: &str) {
+        report(scenario, self.profile.n, tally, recovery);
+    }
 }
