@@ -48,6 +48,8 @@
 //! filter printed to stderr, e.g. `burrow::ack=debug`; for inspection, not for
 //! measuring), `PERF` (`<scenario>:<side>,...`: run those children under
 //! `perf record`, not reported), `BASELINE_ACK` (`await` or `spawn`),
+//! `BASELINE_PROPS` (`minimal`, or `burrow`: the baseline publishes burrow's
+//! properties and headers too),
 //! `BENCH_OUT` (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
 //!
 //! Exchanges and queues are named `bench-<run id>-...`; each child deletes
@@ -927,15 +929,37 @@ impl Pub {
     }
 }
 
+/// `BASELINE_PROPS=burrow`: the baseline publishes the same properties and
+/// headers as burrow's publisher (correlation id, app id, a headers table with
+/// the event version), so both sides hand the broker identical messages.
+/// Default `minimal`: only what an obvious hand-written publisher sets.
+fn baseline_full_props() -> bool {
+    static FULL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FULL.get_or_init(|| match std::env::var("BASELINE_PROPS").as_deref() {
+        Err(_) | Ok("") | Ok("minimal") => false,
+        Ok("burrow") => true,
+        Ok(other) => panic!("BASELINE_PROPS={other} is not valid (minimal, burrow)"),
+    })
+}
+
 /// One publish the obvious way: serialize, persistent + mandatory, a message id.
 async fn baseline_publish_one(ch: &Channel, spec: &Spec, seq: u64) -> BoxResult<PublisherConfirm> {
     let body = serde_json::to_vec(&event(seq))?;
-    let props = BasicProperties::default()
-        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let mut props = BasicProperties::default()
+        .with_message_id(message_id.as_str().into())
         .with_type(EVENT_TYPE.into())
         .with_content_type("application/json".into())
         .with_timestamp(Utc::now().timestamp() as u64)
         .with_delivery_mode(2);
+    if baseline_full_props() {
+        let mut headers = FieldTable::default();
+        headers.insert("burrow-event-version".into(), AMQPValue::LongLongInt(1));
+        props = props
+            .with_correlation_id(message_id.as_str().into())
+            .with_app_id("bench".into())
+            .with_headers(headers);
+    }
     Ok(ch
         .basic_publish(
             baseline_exchange(spec).into(),
@@ -1763,7 +1787,7 @@ fn machine_header(cfg: &Config) -> String {
          - broker: RabbitMQ {broker} on the same machine\n\
          - burrow: commit {rev}{}\n\
          - settings: N={} events, {} rounds (A B A B, burrow first), window {} unconfirmed, prefetch {}, burrow concurrency 16, \
-         latency at {} msg/s for {} s, FAIL_N={}, BENCH_TRACING={}, BASELINE_ACK={}",
+         latency at {} msg/s for {} s, FAIL_N={}, BENCH_TRACING={}, BASELINE_ACK={}, BASELINE_PROPS={}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -1782,6 +1806,11 @@ fn machine_header(cfg: &Config) -> String {
         cfg.fail_n,
         u8::from(cfg.tracing),
         if cfg.ack_spawn { "spawn" } else { "await" },
+        if baseline_full_props() {
+            "burrow"
+        } else {
+            "minimal"
+        },
     )
 }
 
