@@ -377,20 +377,7 @@ impl Raw {
 
     /// The number of ready messages in `queue` (passive declare).
     pub async fn message_count(&self, queue: &str) -> u32 {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive queue.declare");
-        let _ = channel.close(200, "done".into()).await;
-        q.message_count()
+        ready_count(&self.conn, queue).await
     }
 
     pub async fn close(self) {
@@ -400,6 +387,25 @@ impl Raw {
 }
 
 /// A string header (long or short string).
+/// The number of ready messages in `queue`, read with a passive declare on a
+/// channel of its own.
+pub async fn ready_count(conn: &Connection, queue: &str) -> u32 {
+    let channel = conn.create_channel().await.expect("channel");
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"));
+    let _ = channel.close(200, "counted".into()).await;
+    q.message_count()
+}
+
 pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),

@@ -14,11 +14,7 @@ use std::{
 
 use burrow::{EventMeta, Publisher, Settings, Topology, config::AmqpUrl, wire::headers};
 use futures_util::StreamExt;
-use lapin::{
-    Connection,
-    options::{BasicGetOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable},
-};
+use lapin::{Connection, options::BasicGetOptions, types::AMQPValue};
 
 use tokio::task::JoinHandle;
 
@@ -236,20 +232,7 @@ impl Inspector {
 
     /// Ready messages in `queue` (passive declare).
     pub async fn count(&self, queue: &str) -> u32 {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"));
-        let _ = channel.close(200, "counted".into()).await;
-        q.message_count()
+        crate::common::ready_count(&self.conn, queue).await
     }
 
     /// Takes every message out of `queue`: `message id → dead reasons`.
