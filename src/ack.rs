@@ -40,7 +40,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::consumer::Outcome;
+use crate::{consumer::Outcome, metrics::InFlight};
 
 /// How long a ready delivery may wait behind one that is still pending
 /// before it is acked on its own.
@@ -183,6 +183,8 @@ impl AckStats {
 struct Waiting {
     acker: Acker,
     outcome: Option<Outcome>,
+    /// Counted in `burrow_in_flight` until its ack is sent (or given up on).
+    in_flight: InFlight,
 }
 
 type Taken = Vec<(u64, Waiting)>;
@@ -253,8 +255,18 @@ impl Acks {
 
     /// The delivery's settlement is complete (its copies confirmed): ack it.
     /// The outcome, if any, is broadcast once the ack frame is sent.
-    pub(crate) async fn ready(&self, tag: u64, acker: Acker, outcome: Option<Outcome>) {
-        let waiting = Waiting { acker, outcome };
+    pub(crate) async fn ready(
+        &self,
+        tag: u64,
+        acker: Acker,
+        outcome: Option<Outcome>,
+        in_flight: InFlight,
+    ) {
+        let waiting = Waiting {
+            acker,
+            outcome,
+            in_flight,
+        };
         let settled = {
             let mut state = self.state();
             state
@@ -274,7 +286,7 @@ impl Acks {
                 );
                 if let Some(w) = waiting {
                     let acked = send_ack(&w.acker, false, 1).await;
-                    broadcast_outcome(&self.inner.outcomes, w.outcome, acked);
+                    announce(&self.inner.outcomes, w, acked);
                 }
             }
         }
@@ -370,13 +382,13 @@ async fn send(
         let acked = send_ack(&last.acker, n > 1, n).await;
         stats.count(acked, n);
         for (_, w) in batch.drain(..) {
-            broadcast_outcome(outcomes, w.outcome, acked);
+            announce(outcomes, w, acked);
         }
     }
     for (_, w) in singles.drain(..) {
         let acked = send_ack(&w.acker, false, 1).await;
         stats.count(acked, 1);
-        broadcast_outcome(outcomes, w.outcome, acked);
+        announce(outcomes, w, acked);
     }
 }
 
@@ -424,7 +436,14 @@ async fn timer(acks: Acks) -> AckStats {
     stats
 }
 
-fn broadcast_outcome(outcomes: &broadcast::Sender<Outcome>, outcome: Option<Outcome>, acked: bool) {
+/// The delivery's ack frame was sent (or could not be): it leaves
+/// `burrow_in_flight` first, then its outcome is broadcast, so a listener
+/// never sees an outcome for a delivery still counted in flight.
+fn announce(outcomes: &broadcast::Sender<Outcome>, waiting: Waiting, acked: bool) {
+    let Waiting {
+        outcome, in_flight, ..
+    } = waiting;
+    drop(in_flight);
     if let Some(mut o) = outcome {
         o.acked = acked;
         let _ = outcomes.send(o);

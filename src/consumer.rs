@@ -43,7 +43,7 @@ use crate::{
     connection,
     error::{Error, Result},
     handler::Registry,
-    metrics::{Metrics, RunOutcome},
+    metrics::{AppLabels, InFlight, Metrics, RunOutcome},
     pipeline::{DeadLetterMove, DeadReason, Pipeline, Processed, RetryMove, Settlement},
     publisher::Publisher,
     retry::RetryLadder,
@@ -131,12 +131,13 @@ impl Worker {
         }
         let (outcomes, _) = broadcast::channel(4096);
         let (state, _) = watch::channel(WorkerState::Starting);
+        let metrics = Metrics::for_app(&app_labels(&settings, &registry));
         Ok(Self {
             settings,
             registry: Arc::new(registry),
             outcomes,
             state,
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 
@@ -343,10 +344,9 @@ impl Worker {
                     // window must know every delivery a multiple ack could cover.
                     acks.received(delivery.delivery_tag);
                     let shared = shared.clone();
-                    shared.metrics.delivery_started();
+                    let in_flight = shared.metrics.delivery_started();
                     tasks.spawn(async move {
-                        shared.handle(delivery).await;
-                        shared.metrics.delivery_settled();
+                        shared.handle(delivery, in_flight).await;
                         drop(slot);
                     });
                 }
@@ -366,8 +366,10 @@ impl Worker {
         let timeout = settings.consumer.shutdown_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         if shutting_down {
-            self.state.send_replace(WorkerState::Draining);
+            // Gauges before the state: whoever sees readiness turn 503 also
+            // scrapes `burrow_connected 0`.
             self.metrics.set_connected(false);
+            self.state.send_replace(WorkerState::Draining);
             info!("shutting down: no new deliveries; waiting for in-flight handlers");
             if channel.status().connected()
                 && let Ok(tag) = wire::short_string("consumer tag", &tag)
@@ -403,12 +405,8 @@ impl Worker {
         if drained.is_err() {
             let abandoned = tasks.len();
             tasks.abort_all();
-            while let Some(joined) = tasks.join_next().await {
-                // A cancelled task never reached its own `delivery_settled`.
-                if joined.is_err_and(|e| e.is_cancelled()) {
-                    self.metrics.delivery_settled();
-                }
-            }
+            // A cancelled task drops its in-flight guard with it.
+            while tasks.join_next().await.is_some() {}
             report.abandoned += abandoned;
             warn!(
                 abandoned,
@@ -426,6 +424,42 @@ impl Worker {
                 consumed: true,
             },
         }
+    }
+}
+
+/// The labels of every series a worker for `settings` and `registry` can
+/// produce, known before the first delivery.
+fn app_labels(settings: &Settings, registry: &Registry) -> AppLabels {
+    let mut events: Vec<String> = Vec::new();
+    let literal_keys = registry
+        .binding_keys()
+        .into_iter()
+        .filter(|key| !key.contains(['*', '#']));
+    for event in registry
+        .handlers()
+        .iter()
+        .map(|h| h.event_type().to_owned())
+        .chain(literal_keys)
+    {
+        if !events.contains(&event) {
+            events.push(event);
+        }
+    }
+    let queue = settings.app_queue();
+    AppLabels {
+        steps: RetryLadder::new(&queue, &settings.retry.delays)
+            .steps()
+            .iter()
+            .map(|s| s.number)
+            .collect(),
+        queue,
+        events,
+        handlers: registry
+            .handlers()
+            .iter()
+            .map(|h| (h.name().to_owned(), h.event_type().to_owned()))
+            .collect(),
+        reasons: DeadReason::ALL.iter().map(|r| r.as_str()).collect(),
     }
 }
 
@@ -561,7 +595,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, delivery: Delivery, in_flight: InFlight) {
         let Delivery {
             delivery_tag,
             exchange,
@@ -610,9 +644,12 @@ impl Shared {
             let outcome = (self.outcomes.receiver_count() > 0).then(|| outcome(&processed, moved));
             if moved {
                 // Acked with the deliveries around it (crate::ack).
-                self.acks.ready(delivery_tag, acker, outcome).await;
+                self.acks
+                    .ready(delivery_tag, acker, outcome, in_flight)
+                    .await;
             } else {
                 self.acks.returned(delivery_tag).await;
+                drop(in_flight);
                 if let Some(o) = outcome {
                     let _ = self.outcomes.send(o);
                 }
@@ -644,6 +681,9 @@ impl Shared {
         }
         if let Some(d) = dead {
             self.metrics.dead_lettered(&self.queue, d.reason.as_str());
+        }
+        if matches!(processed.settlement, Settlement::Ignore { .. }) {
+            self.metrics.delivery_ignored(&self.queue);
         }
     }
 
@@ -716,7 +756,12 @@ impl Shared {
         info!(step = r.step.number, delay = %humantime::format_duration(r.step.delay), handlers = ?r.handlers, errors = ?r.errors, "retrying");
         // Boxed: the send future is large and only this cold path needs it;
         // inline it would grow every delivery task by its size.
-        Box::pin(self.publisher.send("", &r.step.queue, body, props)).await
+        let event = self.metrics.event_label(&incoming.event_type);
+        Box::pin(
+            self.publisher
+                .send_counted(event, "", &r.step.queue, body, &props),
+        )
+        .await
     }
 
     async fn forward_dead(
@@ -746,7 +791,12 @@ impl Shared {
         );
         let props = copy_properties(incoming, properties, extra, self.pipeline.header_budget());
         warn!(reason = %d.reason, handlers = ?d.handlers, errors = ?d.errors, "dead-lettering");
-        Box::pin(self.publisher.send("", &self.dead_queue, body, props)).await
+        let event = self.metrics.event_label(&incoming.event_type);
+        Box::pin(
+            self.publisher
+                .send_counted(event, "", &self.dead_queue, body, &props),
+        )
+        .await
     }
 }
 

@@ -3,6 +3,7 @@
 //! | metric | labels | meaning |
 //! |---|---|---|
 //! | `burrow_deliveries_total` | queue, event | deliveries received |
+//! | `burrow_ignored_total` | queue | deliveries acked without a handler (no handler of this app subscribes to their type) |
 //! | `burrow_handler_runs_total` | handler, event, outcome | handler runs; outcome = ok, retry, dead |
 //! | `burrow_handler_duration_seconds` | handler, event | handler run time |
 //! | `burrow_retries_total` | queue, step | copies moved to a retry step |
@@ -17,9 +18,16 @@
 //! | `burrow_outbox_relay_delay_seconds` | | outbox enqueue → broker confirm time |
 //!
 //! Label values come from the registry (handler names), the settings
-//! (queues) and bound event types; no label ever carries message content.
+//! (queues) and the event types the app subscribes to; any other event type
+//! is counted as `other`, so no message a publisher sends can create a
+//! series. Every series whose labels are known at start (each subscribed
+//! event, handler, outcome, retry step and dead-letter reason) is created
+//! at 0 by [`Metrics::for_app`], so dashboards and `rate()`/`absent()`
+//! alerts see it from the first scrape. The outbox families exist only in
+//! builds with the `postgres` feature.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -42,6 +50,11 @@ use prometheus_client::{
 struct QueueEvent {
     queue: String,
     event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +99,20 @@ pub enum RunOutcome {
     Dead,
 }
 
+impl RunOutcome {
+    /// Every outcome, for creating the series at start.
+    pub const ALL: [RunOutcome; 3] = [RunOutcome::Ok, RunOutcome::Retry, RunOutcome::Dead];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Ok => "ok",
+            RunOutcome::Retry => "retry",
+            RunOutcome::Dead => "dead",
+        }
+    }
+}
+
 /// How a publish ended, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
@@ -99,11 +126,53 @@ pub enum PublishOutcome {
     Failed,
 }
 
+impl PublishOutcome {
+    /// Every outcome, for creating the series at start.
+    pub const ALL: [PublishOutcome; 4] = [
+        PublishOutcome::Confirmed,
+        PublishOutcome::Returned,
+        PublishOutcome::Nacked,
+        PublishOutcome::Failed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishOutcome::Confirmed => "confirmed",
+            PublishOutcome::Returned => "returned",
+            PublishOutcome::Nacked => "nacked",
+            PublishOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// The `event` label of anything outside the app's subscribed event types.
+pub const OTHER_EVENT: &str = "other";
+
+/// What a worker's metrics know at start: the labels of every series to
+/// create at 0, and the only event types that may appear as a label.
+#[derive(Debug, Clone, Default)]
+pub struct AppLabels {
+    /// The app queue.
+    pub queue: String,
+    /// The event types the app subscribes to.
+    pub events: Vec<String>,
+    /// Each handler's name and the event type it decodes.
+    pub handlers: Vec<(String, String)>,
+    /// The retry steps' numbers.
+    pub steps: Vec<u32>,
+    /// Every dead-letter reason's label value.
+    pub reasons: Vec<&'static str>,
+}
+
 /// burrow's metrics. Cheap to clone; all clones update the same values.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// When set, the only event types that appear as labels; others are `other`.
+    known_events: Option<Arc<HashSet<String>>>,
     deliveries: Family<QueueEvent, Counter>,
+    ignored: Family<QueueLabel, Counter>,
     handler_runs: Family<HandlerOutcome, Counter>,
     handler_duration: Family<HandlerEvent, Histogram>,
     retries: Family<QueueStep, Counter>,
@@ -144,6 +213,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let deliveries = Family::<QueueEvent, Counter>::default();
+        let ignored = Family::<QueueLabel, Counter>::default();
         let handler_runs = Family::<HandlerOutcome, Counter>::default();
         let handler_duration = Family::<HandlerEvent, Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
@@ -163,6 +233,11 @@ impl Metrics {
             "burrow_deliveries",
             "Deliveries received",
             deliveries.clone(),
+        );
+        registry.register(
+            "burrow_ignored",
+            "Deliveries acked without a handler: no handler of this app subscribes to their type",
+            ignored.clone(),
         );
         registry.register(
             "burrow_handler_runs",
@@ -204,29 +279,36 @@ impl Metrics {
             "1 while the worker is consuming",
             connected.clone(),
         );
-        registry.register(
-            "burrow_outbox_pending",
-            "Outbox events not yet published",
-            outbox_pending.clone(),
-        );
-        registry.register(
-            "burrow_outbox_lag_seconds",
-            "Age of the oldest pending outbox event (0 when none)",
-            outbox_lag_seconds.clone(),
-        );
-        registry.register(
-            "burrow_outbox_relayed",
-            "Outbox publishes by outcome (published, failed)",
-            outbox_relayed.clone(),
-        );
-        registry.register(
-            "burrow_outbox_relay_delay_seconds",
-            "Time from outbox enqueue to broker confirm",
-            outbox_relay_delay.clone(),
-        );
+        // The outbox exists only with the `postgres` feature; a build
+        // without it exports no outbox series that could only ever read 0.
+        #[cfg(feature = "postgres")]
+        {
+            registry.register(
+                "burrow_outbox_pending",
+                "Outbox events not yet published",
+                outbox_pending.clone(),
+            );
+            registry.register(
+                "burrow_outbox_lag_seconds",
+                "Age of the oldest pending outbox event (0 when none)",
+                outbox_lag_seconds.clone(),
+            );
+            registry.register(
+                "burrow_outbox_relayed",
+                "Outbox publishes by outcome (published, failed)",
+                outbox_relayed.clone(),
+            );
+            registry.register(
+                "burrow_outbox_relay_delay_seconds",
+                "Time from outbox enqueue to broker confirm",
+                outbox_relay_delay.clone(),
+            );
+        }
         Self {
             registry: Arc::new(registry),
+            known_events: None,
             deliveries,
+            ignored,
             handler_runs,
             handler_duration,
             retries,
@@ -243,6 +325,71 @@ impl Metrics {
         }
     }
 
+    /// The metrics of a worker: every series `labels` names exists at 0 from
+    /// the start, and event types outside `labels.events` are counted as
+    /// [`OTHER_EVENT`].
+    pub fn for_app(labels: &AppLabels) -> Self {
+        let mut metrics = Self::new();
+        metrics.known_events = Some(Arc::new(labels.events.iter().cloned().collect()));
+        let queue = &labels.queue;
+        for event in labels
+            .events
+            .iter()
+            .map(String::as_str)
+            .chain([OTHER_EVENT])
+        {
+            let _ = metrics.deliveries.get_or_create(&QueueEvent {
+                queue: queue.clone(),
+                event: event.to_owned(),
+            });
+            for outcome in PublishOutcome::ALL {
+                let _ = metrics.publishes.get_or_create(&EventOutcome {
+                    event: event.to_owned(),
+                    outcome: outcome.as_str(),
+                });
+            }
+        }
+        let _ = metrics.ignored.get_or_create(&QueueLabel {
+            queue: queue.clone(),
+        });
+        for (handler, event) in &labels.handlers {
+            let event = metrics.event_label(event).to_owned();
+            for outcome in RunOutcome::ALL {
+                let _ = metrics.handler_runs.get_or_create(&HandlerOutcome {
+                    handler: handler.clone(),
+                    event: event.clone(),
+                    outcome: outcome.as_str(),
+                });
+            }
+            let _ = metrics.handler_duration.get_or_create(&HandlerEvent {
+                handler: handler.clone(),
+                event,
+            });
+        }
+        for &step in &labels.steps {
+            let _ = metrics.retries.get_or_create(&QueueStep {
+                queue: queue.clone(),
+                step,
+            });
+        }
+        for &reason in &labels.reasons {
+            let _ = metrics.dead_letters.get_or_create(&QueueReason {
+                queue: queue.clone(),
+                reason,
+            });
+        }
+        metrics
+    }
+
+    /// The `event` label for `event_type`: itself when the app subscribes to
+    /// it (or when these metrics know no app), else [`OTHER_EVENT`].
+    pub fn event_label<'a>(&self, event_type: &'a str) -> &'a str {
+        match &self.known_events {
+            Some(known) if !known.contains(event_type) => OTHER_EVENT,
+            _ => event_type,
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -255,7 +402,15 @@ impl Metrics {
         self.deliveries
             .get_or_create(&QueueEvent {
                 queue: queue.to_owned(),
-                event: event.to_owned(),
+                event: self.event_label(event).to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn delivery_ignored(&self, queue: &str) {
+        self.ignored
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
             })
             .inc();
     }
@@ -267,16 +422,12 @@ impl Metrics {
         outcome: RunOutcome,
         seconds: f64,
     ) {
-        let outcome = match outcome {
-            RunOutcome::Ok => "ok",
-            RunOutcome::Retry => "retry",
-            RunOutcome::Dead => "dead",
-        };
+        let event = self.event_label(event);
         self.handler_runs
             .get_or_create(&HandlerOutcome {
                 handler: handler.to_owned(),
                 event: event.to_owned(),
-                outcome,
+                outcome: outcome.as_str(),
             })
             .inc();
         self.handler_duration
@@ -305,17 +456,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Records one publish. `event` is the caller's label: an event type this
+    /// process publishes, or, for copies of deliveries, [`Metrics::event_label`]
+    /// of the delivery's type.
     pub(crate) fn published(&self, event: &str, outcome: PublishOutcome, seconds: Option<f64>) {
-        let outcome = match outcome {
-            PublishOutcome::Confirmed => "confirmed",
-            PublishOutcome::Returned => "returned",
-            PublishOutcome::Nacked => "nacked",
-            PublishOutcome::Failed => "failed",
-        };
         self.publishes
             .get_or_create(&EventOutcome {
                 event: event.to_owned(),
-                outcome,
+                outcome: outcome.as_str(),
             })
             .inc();
         if let Some(s) = seconds {
@@ -349,13 +497,19 @@ impl Metrics {
         self.outbox_pending.get()
     }
 
-    pub(crate) fn delivery_started(&self) {
+    /// Counts a delivery in flight until the returned guard is dropped.
+    ///
+    /// The guard travels with the delivery to the place its settlement is
+    /// final (the ack frame sent, the nack sent, or the task abandoned), and
+    /// is dropped there *before* the delivery's outcome is announced: whoever
+    /// sees an outcome, or scrapes after one, never sees that delivery
+    /// counted in flight.
+    pub(crate) fn delivery_started(&self) -> InFlight {
         self.in_flight.inc();
-    }
-
-    pub(crate) fn delivery_settled(&self) {
-        self.in_flight.dec();
-        self.last_settled_ms.store(now_ms(), Ordering::Relaxed);
+        InFlight {
+            in_flight: self.in_flight.clone(),
+            last_settled_ms: self.last_settled_ms.clone(),
+        }
     }
 
     pub(crate) fn set_connected(&self, connected: bool) {
@@ -375,6 +529,22 @@ impl Metrics {
     /// Milliseconds since the last settlement (or since start).
     pub fn millis_since_last_settlement(&self) -> i64 {
         now_ms().saturating_sub(self.last_settled_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// One delivery counted in `burrow_in_flight`; dropping it settles the count
+/// exactly once, whichever way the delivery ended (acked, nacked, its task
+/// aborted at the shutdown deadline).
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    in_flight: Gauge,
+    last_settled_ms: Arc<AtomicI64>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+        self.last_settled_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -416,6 +586,11 @@ mod tests {
             "burrow_publish_confirm_seconds_count 0",
             "burrow_in_flight 0",
             "burrow_connected 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        #[cfg(feature = "postgres")]
+        for needle in [
             "burrow_outbox_pending 3",
             "burrow_outbox_lag_seconds 1.5",
             r#"burrow_outbox_relayed_total{event="CardAddedToLibraryEvent",outcome="published"} 1"#,
@@ -423,5 +598,81 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        #[cfg(not(feature = "postgres"))]
+        assert!(
+            !text.contains("burrow_outbox"),
+            "a build without the outbox exports no outbox series:\n{text}"
+        );
+    }
+
+    fn labels() -> AppLabels {
+        AppLabels {
+            queue: "events_a".into(),
+            events: vec!["CardAddedToLibraryEvent".into()],
+            handlers: vec![("feeds.add".into(), "CardAddedToLibraryEvent".into())],
+            steps: vec![1, 2],
+            reasons: vec!["permanent", "undecodable"],
+        }
+    }
+
+    #[test]
+    fn an_app_s_series_exist_at_zero_before_anything_happens() {
+        let text = Metrics::for_app(&labels()).render();
+        for needle in [
+            r#"burrow_deliveries_total{queue="events_a",event="CardAddedToLibraryEvent"} 0"#,
+            r#"burrow_deliveries_total{queue="events_a",event="other"} 0"#,
+            r#"burrow_ignored_total{queue="events_a"} 0"#,
+            r#"burrow_handler_runs_total{handler="feeds.add",event="CardAddedToLibraryEvent",outcome="ok"} 0"#,
+            r#"burrow_handler_runs_total{handler="feeds.add",event="CardAddedToLibraryEvent",outcome="retry"} 0"#,
+            r#"burrow_handler_runs_total{handler="feeds.add",event="CardAddedToLibraryEvent",outcome="dead"} 0"#,
+            r#"burrow_handler_duration_seconds_count{handler="feeds.add",event="CardAddedToLibraryEvent"} 0"#,
+            r#"burrow_retries_total{queue="events_a",step="1"} 0"#,
+            r#"burrow_retries_total{queue="events_a",step="2"} 0"#,
+            r#"burrow_dead_letters_total{queue="events_a",reason="permanent"} 0"#,
+            r#"burrow_dead_letters_total{queue="events_a",reason="undecodable"} 0"#,
+            r#"burrow_publishes_total{event="CardAddedToLibraryEvent",outcome="confirmed"} 0"#,
+            r#"burrow_publishes_total{event="other",outcome="failed"} 0"#,
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn event_types_the_app_does_not_subscribe_to_create_no_series() {
+        let m = Metrics::for_app(&labels());
+        let unknown = |i: usize| {
+            let event = format!("Random{i}Event");
+            m.delivery_received("events_a", &event);
+            m.handler_ran("feeds.add", &event, RunOutcome::Ok, 0.001);
+        };
+        unknown(0);
+        let after_one = m.render().lines().count();
+        (1..5).for_each(unknown);
+        let text = m.render();
+        assert_eq!(text.lines().count(), after_one, "{text}");
+        assert!(!text.contains("Random"), "{text}");
+        assert!(
+            text.contains(r#"burrow_deliveries_total{queue="events_a",event="other"} 5"#),
+            "{text}"
+        );
+        assert_eq!(
+            m.event_label("CardAddedToLibraryEvent"),
+            "CardAddedToLibraryEvent"
+        );
+        assert_eq!(Metrics::new().event_label("Anything"), "Anything");
+    }
+
+    #[test]
+    fn the_in_flight_guard_counts_once_however_the_delivery_ends() {
+        let m = Metrics::new();
+        let a = m.delivery_started();
+        let b = m.delivery_started();
+        assert_eq!(m.in_flight(), 2);
+        drop(a);
+        assert_eq!(m.in_flight(), 1);
+        // A task aborted at the shutdown deadline drops its guard too.
+        let task = std::thread::spawn(move || drop(b));
+        task.join().unwrap();
+        assert_eq!(m.in_flight(), 0);
     }
 }

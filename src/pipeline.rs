@@ -51,6 +51,18 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    /// Every reason, for creating each `burrow_dead_letters_total` series at start.
+    pub const ALL: [DeadReason; 8] = [
+        DeadReason::AttemptsExhausted,
+        DeadReason::Permanent,
+        DeadReason::Undecodable,
+        DeadReason::BadHeaders,
+        DeadReason::TooLarge,
+        DeadReason::HeadersTooLarge,
+        DeadReason::UnsupportedEncoding,
+        DeadReason::UnknownHandler,
+    ];
+
     /// The header and label value (`attempts_exhausted`, ...).
     pub fn as_str(&self) -> &'static str {
         match self {

@@ -194,8 +194,14 @@ impl Publisher {
             event.occurred_at().timestamp().max(0) as u64,
             meta,
         )?;
-        self.send(&self.inner.exchange, E::EVENT_TYPE, &body, props)
-            .await
+        self.send_counted(
+            E::EVENT_TYPE,
+            &self.inner.exchange,
+            E::EVENT_TYPE,
+            &body,
+            &props,
+        )
+        .await
     }
 
     /// Publishes many events concurrently within the in-flight window and
@@ -226,7 +232,7 @@ impl Publisher {
         })?;
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let props = self.event_properties(event_type, 1, now, meta)?;
-        self.send(&self.inner.exchange, event_type, &bytes, props)
+        self.send_counted(event_type, &self.inner.exchange, event_type, &bytes, &props)
             .await
     }
 
@@ -238,6 +244,10 @@ impl Publisher {
     /// A publish whose connection or channel is lost before the confirm is
     /// sent again on a fresh channel (at-least-once) until
     /// `publisher.confirm_timeout` has passed; a return or nack is final.
+    ///
+    /// It is counted in `burrow_publishes_total` under the `type` property
+    /// (`other` when there is none): never under the routing key, which for
+    /// the default exchange is a queue name.
     pub async fn send(
         &self,
         exchange: &str,
@@ -245,17 +255,30 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
+        // The metric label, borrowed: no allocation per publish.
+        let event = properties
+            .kind()
+            .as_ref()
+            .map_or(crate::metrics::OTHER_EVENT, |k| k.as_str());
+        self.send_counted(event, exchange, routing_key, body, &properties)
+            .await
+    }
+
+    /// [`Publisher::send`], counted under the metric label `event`.
+    pub(crate) async fn send_counted(
+        &self,
+        event: &str,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+    ) -> Result<()> {
         let _slot = self
             .inner
             .window
             .acquire()
             .await
             .map_err(|_| Error::Pool("the publisher is closed".into()))?;
-        // The metric label, borrowed: no allocation per publish.
-        let event: &str = properties
-            .kind()
-            .as_ref()
-            .map_or(routing_key, |k| k.as_str());
         let deadline = Instant::now() + self.inner.confirm_timeout;
         // Built on the first resend only: most publishes never need it.
         let mut delays = None;

@@ -93,7 +93,7 @@ async fn interleaved_retries_and_dead_letters_settle_every_delivery_exactly_once
         "no delivery came back"
     );
     let raw = Raw::connect().await;
-    assert_eq!(raw.message_count(&settings.app_queue()).await, 0);
+    assert_eq!(raw.resting_count(&settings.app_queue()).await, 0);
     assert_eq!(
         raw.message_count(&step_queue).await as usize,
         want_retried,
@@ -165,7 +165,7 @@ async fn a_slow_handler_holds_no_other_ack_and_the_drain_acks_it() {
     assert!(last.acked, "the drain acked the slow delivery: {last:?}");
     let raw = Raw::connect().await;
     assert_eq!(
-        raw.message_count(&settings.app_queue()).await,
+        raw.resting_count(&settings.app_queue()).await,
         0,
         "nothing went back to the queue"
     );

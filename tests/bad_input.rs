@@ -205,7 +205,7 @@ impl Fixture {
         );
         assert!(seen.try_recv().is_err(), "the good event was handled once");
         // With the worker gone, anything unacked would be ready again.
-        assert_eq!(raw.message_count(&settings.app_queue()).await, 0);
+        assert_eq!(raw.resting_count(&settings.app_queue()).await, 0);
         assert!(
             raw.get(&settings.dead_letter_queue()).await.is_none(),
             "no other dead letter"

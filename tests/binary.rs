@@ -16,7 +16,7 @@ use std::{
 
 use burrow::{EventMeta, Publisher, Settings};
 use common::{
-    bin::{self, Burrow, http_get, metric, sigterm},
+    bin::{self, Burrow, has_series, http_get, metric, sigterm},
     node::free_port,
     proxy::Proxy,
     *,
@@ -222,7 +222,7 @@ async fn sigterm_under_load_acks_each_handled_message_once_and_drain_finishes_th
     let raw = Raw::connect().await;
     let queue = app.settings.app_queue();
     assert_eq!(
-        raw.message_count(&queue).await as usize,
+        raw.resting_count(&queue).await as usize,
         N - first.len(),
         "ready messages after the stop"
     );
@@ -248,7 +248,7 @@ async fn sigterm_under_load_acks_each_handled_message_once_and_drain_finishes_th
         N,
         "every message handled exactly once"
     );
-    assert_eq!(raw.message_count(&queue).await, 0);
+    assert_eq!(raw.resting_count(&queue).await, 0);
     assert_eq!(
         raw.message_count(&app.settings.dead_letter_queue()).await,
         0
@@ -259,6 +259,92 @@ async fn sigterm_under_load_acks_each_handled_message_once_and_drain_finishes_th
         second.len()
     );
     raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_known_series_is_exported_at_zero_before_the_first_delivery() {
+    let app = BinApp::new("first-scrape", None);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let (mut worker, log) = app.spawn(&["run"], "run.log");
+    app.wait_ready().await;
+    let (_, text) = app.get("/metrics").await;
+    let queue = app.settings.app_queue();
+    let queue = ("queue", queue.as_str());
+    let handlers = [
+        ("feeds.add_card_to_feed", "CardAddedToLibraryEvent"),
+        (
+            "notifications.notify_library_followers",
+            "CardAddedToLibraryEvent",
+        ),
+        ("collections.index_collection", "CollectionCreatedEvent"),
+    ];
+    let mut missing = Vec::new();
+    let mut want = |name: &str, labels: &[(&str, &str)]| {
+        if !has_series(&text, name, labels) {
+            missing.push(format!("{name}{labels:?}"));
+        }
+    };
+    for event in ["CardAddedToLibraryEvent", "CollectionCreatedEvent", "other"] {
+        want("burrow_deliveries_total", &[queue, ("event", event)]);
+        for outcome in ["confirmed", "returned", "nacked", "failed"] {
+            want(
+                "burrow_publishes_total",
+                &[("event", event), ("outcome", outcome)],
+            );
+        }
+    }
+    want("burrow_ignored_total", &[queue]);
+    for (handler, event) in handlers {
+        for outcome in ["ok", "retry", "dead"] {
+            want(
+                "burrow_handler_runs_total",
+                &[("handler", handler), ("event", event), ("outcome", outcome)],
+            );
+        }
+        want(
+            "burrow_handler_duration_seconds_count",
+            &[("handler", handler), ("event", event)],
+        );
+    }
+    // BinApp's ladder has one step.
+    want("burrow_retries_total", &[queue, ("step", "1")]);
+    for reason in [
+        "attempts_exhausted",
+        "permanent",
+        "undecodable",
+        "bad_headers",
+        "too_large",
+        "headers_too_large",
+        "unsupported_encoding",
+        "unknown_handler",
+    ] {
+        want("burrow_dead_letters_total", &[queue, ("reason", reason)]);
+    }
+    for gauge in ["burrow_in_flight", "burrow_connected"] {
+        want(gauge, &[]);
+    }
+    assert!(
+        missing.is_empty(),
+        "series missing from the first scrape: {missing:#?}\n{text}"
+    );
+    // Nothing has happened yet: every counter reads 0.
+    for family in [
+        "burrow_deliveries_total",
+        "burrow_handler_runs_total",
+        "burrow_retries_total",
+        "burrow_dead_letters_total",
+        "burrow_publishes_total",
+        "burrow_ignored_total",
+    ] {
+        assert_eq!(metric(&text, family, &[]), 0.0, "{family}\n{text}");
+    }
+
+    sigterm(&worker);
+    let status = within("burrow run to exit", worker.wait())
+        .await
+        .expect("wait for burrow run");
+    assert!(status.success(), "burrow run: {status:?}\n{}", read(&log));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -658,3 +658,100 @@ async fn metrics_count_what_happened_and_readiness_drops_while_draining() {
         .expect("server task")
         .expect("server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_come_from_the_app_never_from_what_a_publisher_sends() {
+    let settings = TestApp::new("labels").build();
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let mut registry = Registry::new();
+    registry
+        .on("labels.record", |event: CardAdded, _| async move {
+            match event.title.as_str() {
+                "broken" => Err(HandlerError::permanent("bad data")),
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+    let worker = Worker::new(settings.clone(), registry).expect("worker");
+    let metrics = worker.metrics().clone();
+    let mut handle = worker.spawn();
+    let mut outcomes = handle.outcomes();
+    within("the worker to consume", handle.consuming())
+        .await
+        .expect("consuming");
+    let worker = TestWorker::new(handle);
+
+    // Five deliveries naming event types of the publisher's invention, and
+    // one bare message (no properties at all, as a plain AMQP client sends
+    // it) that is dead-lettered through the default exchange.
+    let raw = Raw::connect().await;
+    let exchange = &settings.amqp.exchange;
+    for i in 0..5 {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "burrow-event-type".into(),
+            lapin::types::AMQPValue::LongString(format!("Spoofed{i}Event").into()),
+        );
+        let props = lapin::BasicProperties::default().with_headers(headers);
+        let body = serde_json::to_vec(&CardAdded::new("fine")).unwrap();
+        raw.publish(exchange, "CardAddedToLibraryEvent", &body, props)
+            .await;
+    }
+    let broken = serde_json::to_vec(&CardAdded::new("broken")).unwrap();
+    raw.publish(
+        exchange,
+        "CardAddedToLibraryEvent",
+        &broken,
+        lapin::BasicProperties::default(),
+    )
+    .await;
+    let mut ignored = 0;
+    for _ in 0..6 {
+        let o = next_outcome(&mut outcomes).await;
+        assert!(o.acked, "{o:?}");
+        ignored += usize::from(o.ignored);
+    }
+    assert_eq!(ignored, 5);
+
+    let text = metrics.render();
+    assert!(
+        !text.contains("Spoofed"),
+        "a header a publisher sets created series:\n{text}"
+    );
+    assert!(
+        !text.contains("event=\"events_"),
+        "a queue name in an event label:\n{text}"
+    );
+    let queue = settings.app_queue();
+    assert_eq!(
+        metric(&text, "burrow_ignored_total", &[("queue", &queue)]),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "burrow_deliveries_total",
+            &[("queue", &queue), ("event", "other")]
+        ),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "burrow_publishes_total",
+            &[
+                ("event", "CardAddedToLibraryEvent"),
+                ("outcome", "confirmed")
+            ]
+        ),
+        1.0,
+        "the dead letter's copy is counted under its event type\n{text}"
+    );
+    raw.close().await;
+    within("worker shutdown", worker.shutdown())
+        .await
+        .expect("clean shutdown");
+}

@@ -98,7 +98,7 @@ async fn shutdown_lets_an_in_flight_handler_finish_and_acks_it() {
         "the in-flight delivery was acked during the drain"
     );
     assert_eq!(
-        raw.message_count(&settings.app_queue()).await,
+        raw.resting_count(&settings.app_queue()).await,
         0,
         "nothing comes back"
     );

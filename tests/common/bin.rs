@@ -141,6 +141,33 @@ where
     .await
 }
 
+/// Whether `text` has a sample of `name` whose labels are exactly `labels`
+/// (in any order), whatever its value.
+pub fn has_series(text: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines().any(|line| {
+        let Some(rest) = line.strip_prefix(name) else {
+            return false;
+        };
+        let got = match rest.strip_prefix('{') {
+            Some(inner) => match inner.split_once('}') {
+                Some((labels, _)) => labels,
+                None => return false,
+            },
+            None if rest.starts_with(' ') => "",
+            None => return false,
+        };
+        let mut got: Vec<String> = if got.is_empty() {
+            Vec::new()
+        } else {
+            got.split(',').map(str::to_owned).collect()
+        };
+        got.sort();
+        got == want
+    })
+}
+
 /// Sums the samples of `name` whose labels include every pair of `labels`.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

@@ -173,6 +173,27 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
     }
 }
 
+/// Polls `probe` every 20 ms until it returns `Ok`, for at most [`WAIT`];
+/// on timeout panics naming `what` and the last `Err` the probe gave (the
+/// state it saw instead of the one waited for).
+pub async fn eventually<T, E, F, Fut>(what: &str, mut probe: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {WAIT:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// The next outcome broadcast by a worker.
 pub async fn next_outcome(rx: &mut broadcast::Receiver<Outcome>) -> Outcome {
     within("a delivery outcome", rx.recv())
@@ -375,9 +396,31 @@ impl Raw {
         .await
     }
 
-    /// The number of ready messages in `queue` (passive declare).
+    /// The number of ready messages in `queue` (passive declare), read once.
+    /// Right for a queue nobody consumes from, whose messages arrived with a
+    /// confirm; after a consumer went away use [`Raw::resting_count`].
     pub async fn message_count(&self, queue: &str) -> u32 {
         ready_count(&self.conn, queue).await
+    }
+
+    /// The number of ready messages in `queue` once no consumer is attached.
+    ///
+    /// A consumer's unacked deliveries return to the queue when the broker
+    /// processes its channel's end, which can come after the client saw its
+    /// connection closed (or its process exit). The queue drops the consumer
+    /// and requeues its deliveries in one step (classic: the channel-down
+    /// message; quorum: one `down` command), so a count read once the
+    /// consumer count is 0 includes everything that went back.
+    pub async fn resting_count(&self, queue: &str) -> u32 {
+        eventually(&format!("the consumers of {queue} to go away"), || async {
+            let (messages, consumers) = queue_counts(&self.conn, queue).await;
+            if consumers == 0 {
+                Ok(messages)
+            } else {
+                Err(format!("{consumers} consumer(s) still attached"))
+            }
+        })
+        .await
     }
 
     pub async fn close(self) {
@@ -390,6 +433,12 @@ impl Raw {
 /// The number of ready messages in `queue`, read with a passive declare on a
 /// channel of its own.
 pub async fn ready_count(conn: &Connection, queue: &str) -> u32 {
+    queue_counts(conn, queue).await.0
+}
+
+/// `(ready messages, consumers)` of `queue`, from a passive declare on a
+/// channel of its own.
+pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
     let channel = conn.create_channel().await.expect("channel");
     let q = channel
         .queue_declare(
@@ -403,7 +452,7 @@ pub async fn ready_count(conn: &Connection, queue: &str) -> u32 {
         .await
         .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"));
     let _ = channel.close(200, "counted".into()).await;
-    q.message_count()
+    (q.message_count(), q.consumer_count())
 }
 
 pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
