@@ -11,7 +11,7 @@ LOCKED := $(if $(wildcard Cargo.lock),--locked,)
 .PHONY: help broker demo test lint containers-lint run fuzz
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
 broker: ## make sure a RabbitMQ broker answers on AMQP_URL
 	bash scripts/ensure-broker.sh
@@ -48,3 +48,7 @@ bench: broker ## benchmark burrow against a hand-written lapin loop (N=20000 mak
 .PHONY: faults
 faults: broker ## fault injection: events lost / handled twice under kills, broker crashes, partitions, alarms (FAULTS_N=20000 FAULTS_KILLS=5)
 	$(CARGO) test $(LOCKED) --all-features --test faults -- --ignored --test-threads=1 --nocapture --skip fault_worker_child
+
+.PHONY: rabbitmq4
+rabbitmq4: ## make sure a RabbitMQ 4.0 node answers on 127.0.0.1:5673 beside the machine's broker (builds a Debian trixie root once; as root)
+	bash scripts/ensure-rabbitmq4.sh

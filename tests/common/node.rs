@@ -20,6 +20,17 @@
 //! `/usr/lib/rabbitmq/bin` (the Debian package; its `/usr/sbin` wrappers
 //! switch to the `rabbitmq` user when run as root), else on `PATH`.
 //!
+//! Another RabbitMQ: with `BURROW_TEST_RABBITMQ_ROOT` set to a Debian root
+//! with the `rabbitmq-server` package (the RabbitMQ 4.0 root that
+//! `scripts/ensure-rabbitmq4.sh` builds; `bash scripts/ensure-rabbitmq4.sh
+//! root` prints its path), every node and every CLI call runs in that root
+//! (chroot), with its Erlang and its `/usr/lib/rabbitmq/bin` scripts, and
+//! registers with the root's epmd on [`ROOT_EPMD_PORT`] instead of the
+//! machine's. The node directories and the temporary folder (where tests
+//! write files a node reads, such as TLS certificates) are bind-mounted into
+//! the root at their own paths, so every path means the same inside and out.
+//! Without the variable nothing of this happens.
+//!
 //! A fresh node takes about 5 s to start on an idle 2-core machine, so tests
 //! share one node where they can.
 
@@ -28,7 +39,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Output, Stdio},
-    sync::Once,
+    sync::{Once, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -71,6 +82,146 @@ fn scripts_dir() -> PathBuf {
         .expect("rabbitmq-server not found: install RabbitMQ or set RABBITMQ_SCRIPTS_DIR")
 }
 
+/// The epmd port of the nodes in a `BURROW_TEST_RABBITMQ_ROOT`: the one
+/// `scripts/ensure-rabbitmq4.sh` gives the root's node. The machine's epmd
+/// (4369) belongs to the machine's RabbitMQ, another Erlang release.
+pub const ROOT_EPMD_PORT: u16 = 4370;
+
+/// Where the RabbitMQ scripts are inside a `BURROW_TEST_RABBITMQ_ROOT`.
+const ROOT_SCRIPTS_DIR: &str = "/usr/lib/rabbitmq/bin";
+
+/// `BURROW_TEST_RABBITMQ_ROOT`, ready for nodes (see the module docs), or
+/// `None` when unset. Panics, saying what to do, when the root is unusable.
+pub fn rabbitmq_root() -> Option<&'static Path> {
+    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = std::env::var_os("BURROW_TEST_RABBITMQ_ROOT").filter(|v| !v.is_empty())?;
+        let root = PathBuf::from(root);
+        assert!(
+            root.join(ROOT_SCRIPTS_DIR.trim_start_matches('/'))
+                .join("rabbitmq-server")
+                .exists(),
+            "BURROW_TEST_RABBITMQ_ROOT={} has no {ROOT_SCRIPTS_DIR}/rabbitmq-server: \
+             build it with `sudo bash scripts/ensure-rabbitmq4.sh`",
+            root.display()
+        );
+        let root = root
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("BURROW_TEST_RABBITMQ_ROOT={}: {e}", root.display()));
+        prepare_root(&root);
+        Some(root)
+    })
+    .as_deref()
+}
+
+/// Mounts what the nodes need in `root` (idempotent, also across test
+/// processes): `/proc`, which Erlang reads; the node directories and the
+/// temporary folder at their own paths; and starts the root's epmd.
+fn prepare_root(root: &Path) {
+    if !root.join("proc/self").exists() {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "proc", "proc"])
+                .arg(root.join("proc")),
+        );
+    }
+    let nodes = nodes_root();
+    std::fs::create_dir_all(&nodes).expect("create the test-nodes folder");
+    let temp = std::env::temp_dir();
+    // The temporary folder first: when it holds the node directories, its
+    // mount already shows them.
+    for dir in [temp, nodes].into_iter().filter(|d| d.is_absolute()) {
+        bind_into_root(root, &dir);
+    }
+    // The root's epmd, started from the root's `/`: an epmd that a node
+    // started would keep running in that node's directory, where the sweep of
+    // stale nodes would kill it. A second `-daemon` on a port in use exits.
+    let mut epmd = Command::new("chroot");
+    epmd.arg(root)
+        .args(["/usr/bin/env", "-i"])
+        .arg(format!("PATH={ROOT_PATH}"))
+        .arg(format!("ERL_EPMD_PORT={ROOT_EPMD_PORT}"))
+        .args(["ERL_EPMD_ADDRESS=127.0.0.1", "epmd", "-daemon"]);
+    run_ok(&mut epmd);
+}
+
+/// `PATH` inside the root (the caller's may have none of the root's folders).
+const ROOT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Bind-mounts `dir` at `root/dir`, unless it already shows there.
+fn bind_into_root(root: &Path, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    let inside = root.join(dir.strip_prefix("/").expect("an absolute path"));
+    if same(dir, &inside) {
+        return;
+    }
+    std::fs::create_dir_all(&inside)
+        .unwrap_or_else(|e| panic!("create {} in the root: {e}", inside.display()));
+    // A symbolic link of the root's (e.g. /var/run -> /run) on the way must
+    // not lead the mount out of the root.
+    let real = inside.canonicalize().expect("canonical mount point");
+    assert!(
+        real.starts_with(root),
+        "{} leads out of the root (to {})",
+        inside.display(),
+        real.display()
+    );
+    // A mount of a folder since deleted and made again (cargo clean): drop it.
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|m| Path::new(m) == real)
+    });
+    if mounted {
+        let _ = Command::new("umount").arg("-l").arg(&real).status();
+    }
+    run_ok(Command::new("mount").arg("--bind").arg(dir).arg(&real));
+    assert!(
+        same(dir, &inside),
+        "{} does not show {} after mount --bind",
+        inside.display(),
+        dir.display()
+    );
+}
+
+/// Runs `command`, panicking with its output unless it succeeds.
+fn run_ok(command: &mut Command) {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The command line that runs RabbitMQ's `tool` (`rabbitmq-server`,
+/// `rabbitmqctl`, ...) in `dir`: the machine's, or in
+/// `BURROW_TEST_RABBITMQ_ROOT` through chroot, in the same `dir` there.
+fn tool_argv(tool: &str, dir: &Path) -> Vec<std::ffi::OsString> {
+    match rabbitmq_root() {
+        None => vec![scripts_dir().join(tool).into()],
+        Some(root) => vec![
+            "chroot".into(),
+            root.into(),
+            // chroot starts in the root's `/`; the sweep of stale nodes
+            // finds a node's processes by their working directory.
+            "/usr/bin/env".into(),
+            "-C".into(),
+            dir.into(),
+            Path::new(ROOT_SCRIPTS_DIR).join(tool).into(),
+        ],
+    }
+}
+
 /// One `rabbitmq-server` process of the test's own.
 #[derive(Debug)]
 pub struct Node {
@@ -99,6 +250,8 @@ impl Node {
 
     async fn start_inner(prefix: &str, extra_conf: &str, cookie: &str) -> Node {
         sweep_stale_nodes();
+        // Mounts (once) what nodes in a BURROW_TEST_RABBITMQ_ROOT need.
+        let _ = rabbitmq_root();
         // A port may be taken between free_port() and the node binding it:
         // then start again with fresh ports.
         let mut last_error = String::new();
@@ -283,10 +436,12 @@ impl Node {
     fn launch(&mut self) {
         let dir = &self.dir;
         let _ = std::fs::remove_file(dir.join("pid"));
-        // $1: the server script, $2: our directory (so that the sweep can
-        // recognise the group leader by its command line).
-        let script = r#"cd "$2" || exit 1
-"$1" >>"$2/stdout.log" 2>&1 </dev/null &
+        // $1: our directory (so that the sweep can also recognise the group
+        // leader by its command line), then the server's command line.
+        let script = r#"cd "$1" || exit 1
+dir=$1
+shift
+"$@" >>"$dir/stdout.log" 2>&1 </dev/null &
 cat >/dev/null
 kill -KILL 0"#;
         let mut command = Command::new("sh");
@@ -294,8 +449,8 @@ kill -KILL 0"#;
             .arg("-c")
             .arg(script)
             .arg("burrow-test-node")
-            .arg(scripts_dir().join("rabbitmq-server"))
             .arg(dir)
+            .args(tool_argv("rabbitmq-server", dir))
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -416,7 +571,8 @@ impl Drop for Node {
 }
 
 /// The environment every process of a node's (server and CLI) shares: its
-/// own cookie (`HOME`) and no system `rabbitmq-env.conf`.
+/// own cookie (`HOME`) and no system `rabbitmq-env.conf`; in a
+/// `BURROW_TEST_RABBITMQ_ROOT`, the root's epmd and `PATH`.
 fn node_env(dir: &Path, command: &mut Command) {
     command
         .env("HOME", dir)
@@ -424,6 +580,13 @@ fn node_env(dir: &Path, command: &mut Command) {
         .env("ERL_EPMD_ADDRESS", "127.0.0.1")
         .env_remove("RABBITMQ_NODENAME")
         .env_remove("RABBITMQ_ERLANG_COOKIE");
+    if rabbitmq_root().is_some() {
+        command
+            .env("PATH", ROOT_PATH)
+            // The root has C.UTF-8 only; Erlang wants a UTF-8 locale.
+            .env("LC_ALL", "C.UTF-8")
+            .env("ERL_EPMD_PORT", ROOT_EPMD_PORT.to_string());
+    }
 }
 
 /// The CLI tools of one node.
@@ -439,7 +602,7 @@ impl Cli {
         command
             .arg("--kill-after=5")
             .arg(NODE_WAIT.as_secs().to_string())
-            .arg(scripts_dir().join(tool))
+            .args(tool_argv(tool, &self.dir))
             .arg("-n")
             .arg(&self.name)
             .args(args)
@@ -509,15 +672,21 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// Processes whose working directory is `dir`.
+/// Processes whose working directory is `dir`, also seen through a root's
+/// bind mount (a chrooted node's reads as `<root>/<dir>` from here, whatever
+/// root a dead test process used): the node directory's name is unique.
 fn processes_in(dir: &Path) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let relative = dir.strip_prefix("/").unwrap_or(dir);
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .is_ok_and(|cwd| cwd == dir || cwd.ends_with(relative))
+        })
         .collect()
 }
 
