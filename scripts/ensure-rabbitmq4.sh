@@ -18,6 +18,10 @@
 #   bash scripts/ensure-rabbitmq4.sh stop      stop that node (and nothing else)
 #   bash scripts/ensure-rabbitmq4.sh ctl ARGS  rabbitmqctl ARGS against that node
 #   bash scripts/ensure-rabbitmq4.sh root      print the root's path
+#   bash scripts/ensure-rabbitmq4.sh bin       print the folder of host-side rabbitmqctl,
+#                                              rabbitmq-diagnostics and rabbitmq-plugins
+#                                              for that node (put it first on PATH so that
+#                                              tools calling `rabbitmqctl` reach the 4.0 node)
 #   bash scripts/ensure-rabbitmq4.sh remove    stop everything running in the root, unmount
 #                                              what is mounted in it, delete it
 #
@@ -52,6 +56,9 @@ SCRIPTS=/usr/lib/rabbitmq/bin
 # Written only after the root was built and rabbitmq-server installed: a
 # root without it is half-built (interrupted debootstrap or apt) and is redone.
 READY="$ROOT/.burrow-rabbitmq4-ready"
+# Commands for the host (run them from outside the root): the CLI tools,
+# already pointed at the 4.0 node.
+BIN="$ROOT/host-bin"
 # Written before debootstrap starts: only a folder carrying it (or empty) is
 # ever deleted, so a mistyped BURROW_RABBITMQ4_ROOT cannot wipe anything else.
 BUILDING="$ROOT/.burrow-rabbitmq4-building"
@@ -336,6 +343,26 @@ ensure_plugins() {
     || die "could not enable ${missing[*]} on $NODE"
 }
 
+# One small script per CLI tool in $BIN that runs the root's tool against
+# $NODE, with the environment every 4.0 process needs baked in, so that a test
+# or a person calling plain `rabbitmqctl` (with $BIN first on PATH) reaches
+# the 4.0 node and not the machine's.
+write_host_bin() {
+  mkdir -p "$BIN"
+  local tool file
+  for tool in rabbitmqctl rabbitmq-diagnostics rabbitmq-plugins; do
+    file="$BIN/$tool"
+    {
+      printf '#!/bin/sh\n# Written by scripts/ensure-rabbitmq4.sh: %s against %s in the RabbitMQ 4 root.\n' "$tool" "$NODE"
+      printf 'exec chroot %q /usr/bin/env -i' "$ROOT"
+      printf ' %q' "${node_env[@]}" "$SCRIPTS/$tool" -n "$NODE"
+      printf ' "$@"\n'
+    } >"$file.tmp"
+    chmod 0755 "$file.tmp"
+    mv -f "$file.tmp" "$file"
+  done
+}
+
 cmd_start() {
   require_root
   check_root_path
@@ -350,6 +377,7 @@ cmd_start() {
   ctl -q enable_feature_flag all >/dev/null 2>&1 \
     || die "127.0.0.1:$AMQP_PORT answers but $NODE does not (is another broker on port $AMQP_PORT?); see $ROOT$NODE_HOME/log/$NODE.log"
   ensure_plugins
+  write_host_bin
   printf 'RabbitMQ %s (%s): %s management %s\n' "$(cut -d- -f1 "$READY")" "$NODE" "$AMQP_URL_OUT" "$MGMT_URL_OUT"
 }
 
@@ -401,7 +429,8 @@ case "${1:-start}" in
     ctl "$@"
     ;;
   root) printf '%s\n' "$ROOT" ;;
+  bin) printf '%s\n' "$BIN" ;;
   remove) cmd_remove ;;
   -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' ;;
-  *) die "unknown argument '$1' (expected: start, stop, ctl ARGS, root, remove)" ;;
+  *) die "unknown argument '$1' (expected: start, stop, ctl ARGS, root, bin, remove)" ;;
 esac
