@@ -52,7 +52,7 @@ async fn main() -> burrow::Result<()> {
         },
     )?;
     let worker = Worker::new(Settings::load()?, registry)?;
-    let report = worker.run(burrow::cli::shutdown_signal()).await?;
+    let report = worker.run(burrow::shutdown::signal()).await?;
     println!("stopped after settling {} deliveries", report.settled);
     Ok(())
 }

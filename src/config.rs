@@ -60,7 +60,13 @@ impl Default for AppSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// Broker URL, `amqp://user:password@host:5672/%2f` (or `amqps://`).
+    /// With [`AmqpSettings::password_file`], leave the password out:
+    /// `amqp://user@host:5672/%2f`.
     pub url: AmqpUrl,
+    /// A file holding the broker password (a Kubernetes or Docker secret
+    /// mount), read at every connection so a rotated secret is picked up;
+    /// the URL then carries no password.
+    pub password_file: Option<std::path::PathBuf>,
     /// The topic exchange events are published to.
     pub exchange: String,
     /// Heartbeat interval in seconds asked of the broker (0 disables).
@@ -73,10 +79,36 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: AmqpUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            password_file: None,
             exchange: "domain_events".into(),
             heartbeat: 30,
             tls: TlsSettings::default(),
         }
+    }
+}
+
+impl AmqpSettings {
+    /// The password from `amqp.password_file`, when set: read now, so a
+    /// rotated secret is used by the next connection.
+    pub fn password(&self) -> Result<Option<String>> {
+        self.password_file
+            .as_deref()
+            .map(|path| read_password_file("amqp.password_file", path))
+            .transpose()
+    }
+
+    fn validate(&self) -> Result<()> {
+        crate::redact::register_url_password(self.url.expose());
+        self.url.validate()?;
+        if self.password_file.is_some() && self.url.has_password() {
+            return Err(Error::Config(format!(
+                "amqp.url = {} carries a password and amqp.password_file is set too; keep one: \
+                 remove the password from amqp.url (amqp://user@host:5672/%2f) or unset amqp.password_file",
+                self.url
+            )));
+        }
+        self.password()?;
+        self.tls.validate()
     }
 }
 
@@ -270,6 +302,9 @@ pub struct PostgresSettings {
     /// `postgres://user:password@host:5432/database`; unset: no database.
     /// Put it in `BURROW__POSTGRES__URL` (a secret store), not in a file.
     pub url: Option<DatabaseUrl>,
+    /// A file holding the database password (a Kubernetes or Docker secret
+    /// mount), read at every connection; the URL then carries no password.
+    pub password_file: Option<std::path::PathBuf>,
     /// The schema holding burrow's tables (sets `search_path`); unset: the
     /// server's default, normally `public`.
     pub schema: Option<String>,
@@ -283,10 +318,22 @@ impl Default for PostgresSettings {
     fn default() -> Self {
         Self {
             url: None,
+            password_file: None,
             schema: None,
             max_connections: 4,
             migrate: true,
         }
+    }
+}
+
+impl PostgresSettings {
+    /// The password from `postgres.password_file`, when set: read now, so a
+    /// rotated secret is used by the next connection.
+    pub fn password(&self) -> Result<Option<String>> {
+        self.password_file
+            .as_deref()
+            .map(|path| read_password_file("postgres.password_file", path))
+            .transpose()
     }
 }
 
@@ -428,6 +475,13 @@ impl Settings {
         let raw = builder
             .build()
             .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
+        // Known before anything can fail on them: a deserialisation error
+        // quotes the offending value, which may be one of these URLs.
+        for key in ["amqp.url", "postgres.url"] {
+            if let Ok(url) = raw.get_string(key) {
+                crate::redact::register_url_password(&url);
+            }
+        }
         let settings: Settings = raw
             .try_deserialize()
             .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
@@ -463,8 +517,7 @@ impl Settings {
                 "use 1-200 letters, digits, '-', '_' or '.'",
             );
         }
-        self.amqp.url.validate()?;
-        self.amqp.tls.validate()?;
+        self.amqp.validate()?;
         if self.consumer.prefetch == 0 {
             return bad(
                 "consumer.prefetch",
@@ -530,8 +583,16 @@ impl Settings {
             Err(Error::Config(format!("{key} = {value} is invalid: {fix}")))
         };
         if let Some(url) = &self.postgres.url {
+            crate::redact::register_url_password(url.expose());
             url.validate()?;
+            if self.postgres.password_file.is_some() && url.has_password() {
+                return Err(Error::Config(format!(
+                    "postgres.url = {url} carries a password and postgres.password_file is set too; keep one: \
+                     remove the password from postgres.url or unset postgres.password_file"
+                )));
+            }
         }
+        self.postgres.password()?;
         if let Some(schema) = &self.postgres.schema
             && !valid_schema(schema)
         {
@@ -631,7 +692,7 @@ fn valid_name(name: &str) -> bool {
 /// The `config` crate quotes offending values in its messages; a bad URL
 /// value would carry the password with it.
 fn redact_config_error(message: String) -> String {
-    redact_urls(&message)
+    crate::redact::redact(&message)
 }
 
 /// A PostgreSQL schema name burrow accepts (an unquoted identifier).
@@ -647,35 +708,33 @@ fn valid_schema(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// Replaces the password of every `scheme://user:password@` in `text` with `***`.
-pub(crate) fn redact_urls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("://") {
-        let (head, tail) = rest.split_at(pos + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '/')
-            .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                if userinfo.contains(':') {
-                    out.push_str(user);
-                    out.push_str(":***");
-                } else {
-                    out.push_str(user);
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
+fn url_has_password(url: &str) -> bool {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.rfind('@').map(|at| rest[..at].contains(':')))
+        .unwrap_or(false)
+}
+
+/// Reads a password file (a Kubernetes or Docker secret mount): its
+/// contents without the trailing line break. Errors name the key and the
+/// path, never the contents.
+fn read_password_file(key: &str, path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "{key} = {} cannot be read ({e}); point it at the file that holds the password \
+             (a mounted secret), or unset it",
+            path.display()
+        ))
+    })?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(Error::Config(format!(
+            "{key} = {} is empty; the file must hold the password",
+            path.display()
+        )));
     }
-    out.push_str(rest);
-    out
+    crate::redact::register_secret(password);
+    Ok(password.to_owned())
 }
 
 /// The broker URL. `Display` and `Debug` show it with the password replaced
@@ -705,17 +764,24 @@ impl AmqpUrl {
         }
         if let Err(e) = self.0.parse::<lapin::uri::AMQPUri>() {
             return Err(Error::Config(format!(
-                "amqp.url = {self} is invalid: {}; expected amqp://user:password@host:port/vhost",
-                redact_urls(&e)
+                "amqp.url = {self} is invalid: {}; expected amqp://user:password@host:port/vhost, \
+                 with characters such as / @ : ? # % and spaces in the password percent-encoded \
+                 (or the password in amqp.password_file)",
+                crate::redact::redact(&e)
             )));
         }
         Ok(())
+    }
+
+    /// Whether the URL carries a password (`user:password@`).
+    pub fn has_password(&self) -> bool {
+        url_has_password(&self.0)
     }
 }
 
 impl fmt::Display for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_urls(&self.0))
+        f.write_str(&crate::redact::url(&self.0))
     }
 }
 
@@ -743,6 +809,11 @@ impl DatabaseUrl {
         &self.0
     }
 
+    /// Whether the URL carries a password (`user:password@` or `password=`).
+    pub fn has_password(&self) -> bool {
+        url_has_password(&self.0) || self.0.contains("password=")
+    }
+
     fn validate(&self) -> Result<()> {
         if !(self.0.starts_with("postgres://") || self.0.starts_with("postgresql://")) {
             return Err(Error::Config(format!(
@@ -756,7 +827,7 @@ impl DatabaseUrl {
 
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_query_password(&redact_urls(&self.0)))
+        f.write_str(&crate::redact::url(&self.0))
     }
 }
 
@@ -764,28 +835,6 @@ impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({self})")
     }
-}
-
-/// libpq-style URLs may carry the password as `?password=...`.
-fn redact_query_password(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("password=") {
-        let boundary_ok = pos == 0 || matches!(rest.as_bytes()[pos - 1], b'?' | b'&' | b';');
-        let (head, tail) = rest.split_at(pos + "password=".len());
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
-            .unwrap_or(tail.len());
-        if boundary_ok {
-            out.push_str("***");
-        } else {
-            out.push_str(&tail[..end]);
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// `humantime_serde` handles one duration; the ladder is a list of them,
@@ -842,7 +891,7 @@ mod tests {
     #[test]
     fn url_display_and_debug_hide_the_password() {
         let url = AmqpUrl::new("amqp://svc:s3cr3t-pw@broker:5672/%2f");
-        assert_eq!(url.to_string(), "amqp://svc:***@broker:5672/%2f");
+        assert_eq!(url.to_string(), "amqp://***@broker:5672/%2f");
         assert!(!format!("{url:?}").contains("s3cr3t-pw"));
         let settings = Settings {
             amqp: AmqpSettings {
@@ -852,13 +901,6 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{settings:?}").contains("s3cr3t-pw"));
-    }
-
-    #[test]
-    fn redaction_keeps_text_without_credentials() {
-        assert_eq!(redact_urls("amqp://host:5672/x"), "amqp://host:5672/x");
-        assert_eq!(redact_urls("a amqps://u:p@h b"), "a amqps://u:***@h b");
-        assert_eq!(redact_urls("no url here"), "no url here");
     }
 
     #[test]
@@ -889,7 +931,7 @@ mod tests {
         let url = DatabaseUrl::new("postgres://app:pg-s3cret@db:5432/app?sslmode=require");
         assert_eq!(
             url.to_string(),
-            "postgres://app:***@db:5432/app?sslmode=require"
+            "postgres://***@db:5432/app?sslmode=require"
         );
         let url = DatabaseUrl::new("postgres://db/app?user=app&password=pg-s3cret&x=1");
         assert_eq!(

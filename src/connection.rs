@@ -24,7 +24,8 @@ const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 
 /// Opens a connection named `name` as `[amqp]` describes: URL, heartbeat and TLS.
 pub async fn open(amqp: &AmqpSettings, name: &str) -> Result<Connection> {
-    connect_with_tls(&amqp.url, amqp.heartbeat, &amqp.tls, name).await
+    let password = amqp.password()?;
+    connect_uri(&amqp.url, password, amqp.heartbeat, &amqp.tls, name).await
 }
 
 /// Opens a connection named `name` with the given heartbeat (seconds), unless
@@ -40,12 +41,26 @@ pub async fn connect_with_tls(
     tls: &TlsSettings,
     name: &str,
 ) -> Result<Connection> {
+    connect_uri(url, None, heartbeat, tls, name).await
+}
+
+/// Opens a connection to `url`, with `password` in place of the URL's.
+async fn connect_uri(
+    url: &AmqpUrl,
+    password: Option<String>,
+    heartbeat: u16,
+    tls: &TlsSettings,
+    name: &str,
+) -> Result<Connection> {
     let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
         Error::Config(format!(
             "amqp.url = {url} is invalid: {}",
-            crate::config::redact_urls(&e)
+            crate::redact::redact(&e)
         ))
     })?;
+    if let Some(password) = password {
+        uri.authority.userinfo.password = password;
+    }
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(heartbeat);
     }

@@ -170,21 +170,6 @@ pub enum Error {
     #[error("publisher pool: {0}")]
     Pool(String),
 
-    /// `burrow topology verify` found differences between the declared
-    /// topology and the broker (printed before this error).
-    #[error(
-        "{0} difference(s) between the declared topology and the broker; run `burrow topology apply` or migrate (docs/operations.md)"
-    )]
-    Drift(usize),
-
-    /// A command was called in a way it refuses (exit code 2).
-    #[error("{0}")]
-    Usage(String),
-
-    /// A thing asked for by name does not exist.
-    #[error("{0}")]
-    NotFound(String),
-
     /// The health and metrics endpoint failed, or a probe of it did.
     #[error("HTTP endpoint: {0}")]
     Http(String),
@@ -193,7 +178,7 @@ pub enum Error {
     #[cfg(feature = "postgres")]
     #[error(
         "cannot connect to PostgreSQL at {url}: {}; check that the database runs and that postgres.url (BURROW__POSTGRES__URL) is right",
-        crate::config::redact_urls(&.source.to_string())
+        crate::redact::redact(&.source.to_string())
     )]
     DatabaseConnect {
         /// The redacted database URL.
@@ -205,7 +190,7 @@ pub enum Error {
 
     /// A statement failed on an open PostgreSQL connection (feature `postgres`).
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL {operation} failed: {}{}", crate::config::redact_urls(&.source.to_string()), database_hint(.source))]
+    #[error("PostgreSQL {operation} failed: {}{}", crate::redact::redact(&.source.to_string()), database_hint(.source))]
     Database {
         /// What burrow was doing (`claim outbox batch`, `insert event_inbox row`, ...).
         operation: String,
@@ -219,7 +204,7 @@ pub enum Error {
     #[error(
         "applying burrow's migrations (migrations/, tracked in _burrow_migrations) failed: {}. \
          The database user needs CREATE on the schema; or apply migrations/*.sql yourself and set postgres.migrate = false",
-        crate::config::redact_urls(&.source.to_string())
+        crate::redact::redact(&.source.to_string())
     )]
     Migrate {
         /// The underlying sqlx error.
@@ -275,9 +260,6 @@ impl Error {
             Error::NameTooLong { .. } => false,
             Error::Registry(_) => false,
             Error::Http(_) => false,
-            Error::Drift(_) => false,
-            Error::NotFound(_) => false,
-            Error::Usage(_) => false,
             #[cfg(feature = "postgres")]
             Error::DatabaseConnect { source, .. } => database_retryable(source),
             #[cfg(feature = "postgres")]

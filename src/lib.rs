@@ -41,8 +41,9 @@
 //! | [`consumer`] | the [`Worker`] loop and settlement |
 //! | [`ack`] | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
+//! | [`redact`] | keeping passwords out of errors, logs, output and panics |
 //! | [`cli`] | the `burrow` command line |
-//! | [`demo`] | `burrow demo` |
+//! | [`shutdown`] | the shutdown signal (SIGTERM, SIGINT) |
 //! | [`dlq`] | the dead-letter queue: list, show, replay, purge |
 //! | [`verify`] | comparing the declared topology with the broker |
 //! | `outbox` | transactional outbox on PostgreSQL: enqueue in your transaction, the relay publishes (feature `postgres`, docs/outbox.md) |
@@ -85,7 +86,6 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod consumer;
-pub mod demo;
 pub mod dlq;
 pub mod error;
 pub mod event;
@@ -100,7 +100,9 @@ pub mod otel;
 pub mod outbox;
 pub mod pipeline;
 pub mod publisher;
+pub mod redact;
 pub mod retry;
+pub mod shutdown;
 pub mod topic;
 pub mod topology;
 pub mod verify;

@@ -161,9 +161,12 @@ pub fn connect_options(settings: &PostgresSettings) -> Result<PgConnectOptions> 
     let mut options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
         Error::Config(format!(
             "postgres.url = {url} is invalid: {}; expected postgres://user:password@host:5432/database",
-            crate::config::redact_urls(&e.to_string())
+            crate::redact::redact(&e.to_string())
         ))
     })?;
+    if let Some(password) = settings.password()? {
+        options = options.password(&password);
+    }
     if let Some(schema) = &settings.schema {
         options = options.options([("search_path", schema.as_str())]);
     }
@@ -469,7 +472,7 @@ fn trace_headers() -> serde_json::Map<String, serde_json::Value> {
 // ---------------------------------------------------------------------------
 
 /// One row of `event_outbox`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutboxRecord {
     /// Enqueue order.
     pub id: i64,
@@ -1170,7 +1173,7 @@ async fn listen(
             Ok(ok) => ok,
             Err(e) => {
                 let delay = delays.next().unwrap_or(MAX_DATABASE_RETRY_DELAY);
-                tracing::warn!(error = %crate::config::redact_urls(&e.to_string()), retry_in = ?delay, "cannot LISTEN {NOTIFY_CHANNEL}; polling meanwhile");
+                tracing::warn!(error = %crate::redact::redact(&e.to_string()), retry_in = ?delay, "cannot LISTEN {NOTIFY_CHANNEL}; polling meanwhile");
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(delay) => continue,
@@ -1191,7 +1194,7 @@ async fn listen(
                 // again) on the next call.
                 Ok(None) => wake.notify_one(),
                 Err(e) => {
-                    tracing::warn!(error = %crate::config::redact_urls(&e.to_string()), "LISTEN {NOTIFY_CHANNEL} failed; reconnecting");
+                    tracing::warn!(error = %crate::redact::redact(&e.to_string()), "LISTEN {NOTIFY_CHANNEL} failed; reconnecting");
                     break;
                 }
             }

@@ -84,6 +84,23 @@ impl fmt::Display for DeadReason {
     }
 }
 
+/// What the top level of a JSON `body` is when it is a JSON value other
+/// than an object (`an array`, `a string`, ...); `None` for an object, and
+/// for text that is not JSON at all (each handler's decode reports that).
+fn non_object_top_level(body: &[u8]) -> Option<&'static str> {
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    match first {
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b'-' | b'0'..=b'9' => Some("a number"),
+        b't' | b'f' => Some("a boolean"),
+        b'n' => Some("null"),
+        _ => None,
+    }
+}
+
 /// Move a copy to a retry step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryMove {
@@ -307,6 +324,28 @@ impl Pipeline {
                     incoming.event_type
                 ),
             };
+            return Processed {
+                incoming,
+                runs,
+                settlement,
+            };
+        }
+
+        // serde's derived decoders read a JSON array as a struct's fields by
+        // position (`["card-7","user-q"]` would decode, with the second
+        // element taken as the second field): an event is an object, and
+        // anything else is turned away before any handler decodes it.
+        if let Some(kind) = non_object_top_level(body) {
+            let failure = format!(
+                "the body's top level is {kind}, not a JSON object; an event is an object of its fields, \
+                 e.g. {{\"aggregateId\":\"card-1\"}}"
+            );
+            runs.extend(selected.iter().map(|handler| HandlerRun {
+                handler: handler.name_arc(),
+                result: Err(Failure::Undecodable(failure.clone())),
+                duration: Duration::ZERO,
+            }));
+            let settlement = self.decide(&incoming, &runs);
             return Processed {
                 incoming,
                 runs,
@@ -554,6 +593,40 @@ mod tests {
             let d = out.settlement.dead_letter().unwrap();
             assert_eq!(d.reason, DeadReason::Undecodable, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_an_object_is_never_matched_by_position() {
+        // `ok` would accept ["a","fine"] as Ping { aggregate_id: "a", mode: "fine" }.
+        for bad in [
+            &br#"["a","fine"]"#[..],
+            br#"  ["a","fine"]"#,
+            br#""a""#,
+            b"42",
+            b"-1",
+            b"null",
+            b"true",
+        ] {
+            let out = run(&pipeline(2), bad, FieldTable::default()).await;
+            let d = out
+                .settlement
+                .dead_letter()
+                .unwrap_or_else(|| panic!("{bad:?}: {:?}", out.settlement));
+            assert_eq!(d.reason, DeadReason::Undecodable, "{bad:?}");
+            assert_eq!(d.handlers, vec!["ok".to_string(), "picky".to_string()]);
+            assert!(
+                d.errors[0].contains("not a JSON object"),
+                "{bad:?}: {:?}",
+                d.errors
+            );
+            assert!(out.settlement.retry().is_none());
+        }
+        assert_eq!(non_object_top_level(b" {\"a\":1}"), None);
+        assert_eq!(
+            non_object_top_level(b"{not json"),
+            None,
+            "each decode reports it"
+        );
     }
 
     #[tokio::test]

@@ -39,7 +39,8 @@ use crate::{
 pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 
 /// A queue argument value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
 pub enum ArgValue {
     /// A string argument (`x-queue-type`).
     Str(String),
@@ -57,7 +58,8 @@ impl fmt::Display for ArgValue {
 }
 
 /// What a queue is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum QueueRole {
     /// The app queue the worker consumes.
     App,
@@ -68,7 +70,7 @@ pub enum QueueRole {
 }
 
 /// A durable queue and its arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueSpec {
     /// Queue name.
     pub name: String,
@@ -94,7 +96,7 @@ impl QueueSpec {
 }
 
 /// A binding of the app queue to the exchange.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BindingSpec {
     /// Source exchange.
     pub exchange: String,
@@ -105,7 +107,7 @@ pub struct BindingSpec {
 }
 
 /// Everything one app declares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Topology {
     /// The durable topic exchange (`domain_events`).
     pub exchange: String,
@@ -239,6 +241,27 @@ impl Topology {
         let result = declare_exchange_on(&channel, exchange).await;
         if channel.status().connected() {
             let _ = channel.close(200, "exchange declared".into()).await;
+        }
+        result
+    }
+
+    /// Deletes this topology's exchange. Only for an exchange of its own (the
+    /// demo's); never called by the worker, and never right for the shared
+    /// `domain_events`.
+    pub async fn delete_exchange(&self, connection: &Connection) -> Result<()> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("channel.open (topology)", e))?;
+        let result = channel
+            .exchange_delete(
+                short_string("exchange name", &self.exchange)?,
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("exchange.delete '{}'", self.exchange), e));
+        if channel.status().connected() {
+            let _ = channel.close(200, "exchange deleted".into()).await;
         }
         result
     }

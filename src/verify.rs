@@ -40,7 +40,8 @@ use crate::{
 };
 
 /// One difference between the declared topology and the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "drift", rename_all = "snake_case")]
 pub enum Drift {
     /// The entity does not exist on the broker.
     Missing {

@@ -264,6 +264,28 @@ async fn a_json_array_is_dead_lettered_as_undecodable() {
     fx.finish_with_a_good_event().await;
 }
 
+/// serde would read this array as `CardAdded` field by field; it must never
+/// reach the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_array_of_the_event_s_fields_is_not_matched_by_position() {
+    let mut fx = Fixture::start("bad-positional", no_config, no_handlers).await;
+    let body = br#"["card-7","user-q","2024-01-01T00:00:00Z"]"#;
+    assert!(
+        serde_json::from_slice::<CardAdded>(body).is_ok(),
+        "the premise: serde decodes it by position"
+    );
+    let id = fx.publish_card(body, BasicProperties::default()).await;
+    fx.expect_dead(
+        &id,
+        body,
+        DeadReason::Undecodable,
+        &[RECORDER],
+        "top level is an array, not a JSON object",
+    )
+    .await;
+    fx.finish_with_a_good_event().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_body_is_dead_lettered_as_undecodable() {
     let mut fx = Fixture::start("bad-empty", no_config, no_handlers).await;

@@ -521,7 +521,7 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
     let publisher = publisher(&settings).await;
     let report = within(
         "dlq replay",
-        dlq::replay(&settings, &publisher, &ReplayFilter::default()),
+        dlq::replay(&settings, &publisher, &ReplayFilter::default(), &mut |_| {}),
     )
     .await
     .unwrap();
@@ -529,7 +529,8 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
         report,
         ReplayReport {
             replayed: 1,
-            skipped: 0
+            skipped: 0,
+            left: 0
         }
     );
     settles_at(&conn, &dead, 0, "the dead queue").await;
@@ -648,7 +649,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     };
     let report = within(
         "dlq replay",
-        dlq::replay(&settings, &publisher, &other_event),
+        dlq::replay(&settings, &publisher, &other_event, &mut |_| {}),
     )
     .await
     .unwrap();
@@ -656,7 +657,8 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
         report,
         ReplayReport {
             replayed: 0,
-            skipped: 1
+            skipped: 1,
+            left: 1
         }
     );
     let other_handler = ReplayFilter {
@@ -665,7 +667,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     };
     let report = within(
         "dlq replay",
-        dlq::replay(&settings, &publisher, &other_handler),
+        dlq::replay(&settings, &publisher, &other_handler, &mut |_| {}),
     )
     .await
     .unwrap();
@@ -673,31 +675,45 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
         report,
         ReplayReport {
             replayed: 0,
-            skipped: 1
+            skipped: 1,
+            left: 1
         }
     );
     let none = ReplayFilter {
         limit: Some(0),
         ..Default::default()
     };
-    let report = within("dlq replay", dlq::replay(&settings, &publisher, &none))
-        .await
-        .unwrap();
-    assert_eq!(report, ReplayReport::default());
+    let report = within(
+        "dlq replay",
+        dlq::replay(&settings, &publisher, &none, &mut |_| {}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        ReplayReport {
+            left: 1,
+            ..ReplayReport::default()
+        }
+    );
     settles_at(&conn, &dead, 1, "the dead queue").await;
 
     let matching = ReplayFilter {
         event: Some("CardAddedToLibraryEvent".into()),
         ..Default::default()
     };
-    let report = within("dlq replay", dlq::replay(&settings, &publisher, &matching))
-        .await
-        .unwrap();
+    let report = within(
+        "dlq replay",
+        dlq::replay(&settings, &publisher, &matching, &mut |_| {}),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         report,
         ReplayReport {
             replayed: 1,
-            skipped: 0
+            skipped: 0,
+            left: 0
         }
     );
     settles_at(
@@ -778,7 +794,7 @@ async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     let publisher = publisher(&settings).await;
     let err = within(
         "dlq replay",
-        dlq::replay(&settings, &publisher, &ReplayFilter::default()),
+        dlq::replay(&settings, &publisher, &ReplayFilter::default(), &mut |_| {}),
     )
     .await
     .unwrap_err();
@@ -829,10 +845,11 @@ async fn purge_removes_old_letters_or_everything() {
 
     let purged = within(
         "dlq purge",
-        dlq::purge(&settings, Some(Duration::from_secs(3600))),
+        dlq::purge(&settings, &older_than(3600), &mut |_| {}),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .purged;
     assert_eq!(purged, 1);
     let mut left: Vec<String> = within("dlq list", dlq::list(&settings, 10))
         .await
@@ -849,16 +866,21 @@ async fn purge_removes_old_letters_or_everything() {
 
     let purged = within(
         "dlq purge",
-        dlq::purge(&settings, Some(Duration::from_secs(86_400))),
+        dlq::purge(&settings, &older_than(86_400), &mut |_| {}),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .purged;
     assert_eq!(purged, 0);
     settles_at(&conn, &dead, 2, "the dead queue").await;
 
-    let purged = within("dlq purge", dlq::purge(&settings, None))
-        .await
-        .unwrap();
+    let purged = within(
+        "dlq purge",
+        dlq::purge(&settings, &dlq::Filter::default(), &mut |_| {}),
+    )
+    .await
+    .unwrap()
+    .purged;
     assert_eq!(purged, 2);
     settles_at(&conn, &dead, 0, "the dead queue").await;
     assert!(
@@ -884,4 +906,11 @@ async fn operations_on_a_missing_dead_letter_queue_fail_with_a_hint() {
         "{text}"
     );
     assert!(text.contains("NOT_FOUND"), "{text}");
+}
+
+fn older_than(secs: u64) -> dlq::Filter {
+    dlq::Filter {
+        older_than: Some(Duration::from_secs(secs)),
+        ..dlq::Filter::default()
+    }
 }

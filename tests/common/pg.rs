@@ -69,6 +69,7 @@ impl TestDb {
             schema: Some(schema.clone()),
             max_connections: 10,
             migrate: true,
+            ..PostgresSettings::default()
         };
         let pool = burrow::outbox::connect(&settings)
             .await

@@ -242,7 +242,14 @@ async fn pump(
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        // A chunk read just before the blackhole went on is held too.
+        // A chunk read just before the blackhole went on is held too, and
+        // counted like bytes that wait in the kernel: otherwise a client
+        // whose every byte was read in that moment would never show as held.
+        if control.borrow().blackhole
+            && let Some(held) = &held
+        {
+            held.fetch_add(1, Ordering::SeqCst);
+        }
         if control
             .wait_for(|c| !c.blackhole || c.stopped || c.cut_generation != generation)
             .await

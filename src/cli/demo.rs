@@ -4,7 +4,11 @@
 //! app's handler modules plus one demo handler that fails once, publishes the
 //! modules' sample events, one event for the flaky handler and one body that
 //! is not JSON, waits until every message has settled for good, prints what
-//! happened and deletes the demo's queues.
+//! happened and deletes the demo's queues and exchange.
+//!
+//! Everything happens on an exchange of the demo's own
+//! (`burrow-demo-<id>`), never on the configured one: run against a
+//! production broker, the samples (and the broken body) reach no real app.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -12,6 +16,7 @@ use chrono::{DateTime, Utc};
 use lapin::{BasicProperties, types::ShortString};
 use serde::{Deserialize, Serialize};
 
+use super::{CliResult, output::Out};
 use crate::{
     Context, DomainEvent, EventMeta, HandlerError, Outcome, Publisher, Registry, Settings,
     Topology, Worker, connection,
@@ -37,7 +42,7 @@ impl DomainEvent for DemoFlakyEvent {
 
 /// What the demo saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct DemoSummary {
+struct DemoSummary {
     /// Messages whose handlers all succeeded in the end.
     pub handled: usize,
     /// Retry moves made.
@@ -47,13 +52,15 @@ pub struct DemoSummary {
 }
 
 /// Runs the demo with the app's handlers (`register`) and sample events.
-pub async fn run(
+pub(super) async fn run(
     mut settings: Settings,
     register: fn(&mut Registry) -> Result<()>,
     samples: Vec<(&'static str, serde_json::Value)>,
-) -> Result<DemoSummary> {
+    out: &Out,
+) -> CliResult {
     let id = uuid::Uuid::new_v4().simple().to_string();
     settings.app.name = format!("{}-demo-{}", settings.app.name, &id[..6]);
+    settings.amqp.exchange = format!("burrow-demo-{}", &id[..6]);
     settings.queue.name = None;
     settings.retry.delays = vec![Duration::from_secs(1)];
     settings.http.addr = None;
@@ -74,16 +81,16 @@ pub async fn run(
     )?;
 
     let topology = Topology::for_app(&settings, &registry);
-    println!(
-        "burrow demo: app {:?} on exchange {:?}",
+    out.line(&format!(
+        "burrow demo: app {:?} on exchange {:?}, both its own and deleted afterwards (no other app sees these events)",
         settings.app.name, settings.amqp.exchange
-    );
-    println!(
+    ))?;
+    out.line(&format!(
         "  queues: {} (retry after 1s: {}, dead letters: {})",
         settings.app_queue(),
         topology.queues[1].name,
         settings.dead_letter_queue()
-    );
+    ))?;
 
     let mut worker = Worker::new(settings.clone(), registry)?.spawn();
     let mut outcomes = worker.outcomes();
@@ -146,10 +153,10 @@ pub async fn run(
                 format!("{event_type} with a truncated JSON body"),
             );
         }
-        println!(
+        out.line(&format!(
             "published {} messages, waiting for each to settle...",
             labels.len()
-        );
+        ))?;
 
         let mut summary = DemoSummary::default();
         let mut pending = labels.clone();
@@ -164,7 +171,7 @@ pub async fn run(
             let Some(label) = pending.get(&outcome.message_id).cloned() else {
                 continue;
             };
-            print_outcome(&label, &outcome);
+            out.line(&outcome_line(&label, &outcome))?;
             if outcome.retried.is_some() {
                 summary.retried += 1;
             }
@@ -178,27 +185,37 @@ pub async fn run(
             }
         }
         publisher.close().await;
-        Ok(summary)
+        Ok::<_, super::CliError>(summary)
     }
     .await;
 
     let stopped = worker.shutdown().await;
     let cleanup = async {
         let conn = connection::open(&settings.amqp, "burrow demo cleanup").await?;
-        topology.delete_queues(&conn).await?;
+        let deleted = async {
+            topology.delete_queues(&conn).await?;
+            topology.delete_exchange(&conn).await
+        }
+        .await;
         let _ = conn.close(200, "demo done".into()).await;
-        Ok::<_, Error>(())
+        deleted
     }
     .await;
     let summary = result?;
     stopped?;
     cleanup?;
-    println!(
+    out.line(&format!(
         "summary: handled {}, retried {}, dead-lettered {}",
         summary.handled, summary.retried, summary.dead_lettered
-    );
-    println!("(demo queues deleted; run `burrow run` to start a real worker)");
-    Ok(summary)
+    ))?;
+    out.line("(demo queues and exchange deleted; run `burrow run` to start a real worker)")?;
+    out.json(&serde_json::json!({
+        "app": settings.app.name,
+        "exchange": settings.amqp.exchange,
+        "handled": summary.handled,
+        "retried": summary.retried,
+        "dead_lettered": summary.dead_lettered,
+    }))
 }
 
 async fn next_outcome(rx: &mut tokio::sync::broadcast::Receiver<Outcome>) -> Result<Outcome> {
@@ -216,25 +233,25 @@ async fn next_outcome(rx: &mut tokio::sync::broadcast::Receiver<Outcome>) -> Res
     }
 }
 
-fn print_outcome(label: &str, o: &Outcome) {
+fn outcome_line(label: &str, o: &Outcome) -> String {
     if let Some((step, handlers)) = &o.retried {
-        println!(
+        format!(
             "  retry    {label}: attempt {} failed in {}; retry step {step}",
             o.attempt,
             handlers.join(", ")
-        );
+        )
     } else if let Some((reason, handlers)) = &o.dead_lettered {
         let who = if handlers.is_empty() {
             String::new()
         } else {
             format!(" ({})", handlers.join(", "))
         };
-        println!("  dead     {label}: {reason}{who}");
+        format!("  dead     {label}: {reason}{who}")
     } else {
-        println!(
+        format!(
             "  handled  {label} on attempt {} by {}",
             o.attempt,
             o.succeeded.join(", ")
-        );
+        )
     }
 }

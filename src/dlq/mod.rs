@@ -40,21 +40,22 @@
 //! is lost after the confirm, the letter stays parked and a later replay
 //! delivers it again; handlers de-duplicate on the message id.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+mod browse;
+mod render;
+
+use std::{collections::BTreeMap, time::Duration};
 
 use lapin::{
-    BasicProperties, Channel, Connection,
+    BasicProperties,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueuePurgeOptions,
-    },
     types::{AMQPValue, FieldTable, ShortString},
 };
 
+use self::browse::{Borrowed, Browse};
+pub use self::render::{render_detail, render_table, to_json};
 use crate::{
     config::Settings,
-    connection,
-    error::{Error, Result},
+    error::Result,
     publisher::Publisher,
     topic,
     wire::{self, headers},
@@ -65,8 +66,6 @@ use crate::{
 const X_DEATH: &str = "x-death";
 /// Header quorum queues set on redelivered messages; meaningless on a copy.
 const X_DELIVERY_COUNT: &str = "x-delivery-count";
-/// Longest `last error` shown by [`render_table`], in characters.
-const TABLE_ERROR_WIDTH: usize = 60;
 
 /// One message parked in the dead-letter queue, read leniently: a missing or
 /// mistyped header gives `None` or an empty list, never an error.
@@ -189,21 +188,42 @@ impl DeadLetter {
     }
 }
 
-/// Which dead letters [`replay`] sends back.
+/// Which dead letters an operation selects. Every set criterion must hold;
+/// an empty filter selects every letter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReplayFilter {
+pub struct Filter {
     /// Only letters of this event type (a topic pattern: `*` and `#` work).
     pub event: Option<String>,
-    /// Only letters on which this handler failed; the copy then runs only
-    /// this handler. Letters that name no handler never match.
+    /// Only letters on which this handler failed; a replayed copy then runs
+    /// only this handler. Letters that name no handler never match.
     pub handler: Option<String>,
-    /// Replay at most this many letters.
+    /// Only letters parked for this reason (`permanent`, `delivery_limit`, ...).
+    pub reason: Option<String>,
+    /// Only letters with one of these message ids.
+    pub ids: Vec<String>,
+    /// Only letters dead-lettered longer ago than this (by `burrow-dead-at`,
+    /// or `x-death` for letters the broker parked); letters of unknown age
+    /// never match.
+    pub older_than: Option<Duration>,
+    /// At most this many letters.
     pub limit: Option<usize>,
 }
 
-impl ReplayFilter {
-    /// Whether `letter` is selected (ignoring the limit).
-    pub fn matches(&self, letter: &DeadLetter) -> bool {
+/// What an earlier name of [`Filter`] selected; kept for callers of [`replay`].
+pub type ReplayFilter = Filter;
+
+impl Filter {
+    /// Whether any criterion is set (the limit aside).
+    pub fn is_selective(&self) -> bool {
+        self.event.is_some()
+            || self.handler.is_some()
+            || self.reason.is_some()
+            || !self.ids.is_empty()
+            || self.older_than.is_some()
+    }
+
+    /// Whether `letter` is selected at `now_ms` (ignoring the limit).
+    pub fn matches_at(&self, letter: &DeadLetter, now_ms: i64) -> bool {
         let event_ok = self
             .event
             .as_deref()
@@ -211,8 +231,57 @@ impl ReplayFilter {
         let handler_ok = self.handler.as_deref().is_none_or(|h| {
             letter.handlers.iter().any(|x| x == h) || letter.failed_handler.as_deref() == Some(h)
         });
-        event_ok && handler_ok
+        let reason_ok = self
+            .reason
+            .as_deref()
+            .is_none_or(|r| letter.reason.as_deref() == Some(r));
+        let id_ok = self.ids.is_empty() || self.ids.contains(&letter.message_id);
+        let age_ok = self
+            .older_than
+            .is_none_or(|min| letter.age(now_ms).is_some_and(|age| age > min));
+        event_ok && handler_ok && reason_ok && id_ok && age_ok
     }
+
+    /// Whether `letter` is selected now (ignoring the limit).
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.matches_at(letter, wire::now_ms())
+    }
+
+    /// The filter in words, for messages (`event CardAdded*, handler feeds.add`).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(e) = &self.event {
+            parts.push(format!("event {e}"));
+        }
+        if let Some(h) = &self.handler {
+            parts.push(format!("handler {h}"));
+        }
+        if let Some(r) = &self.reason {
+            parts.push(format!("reason {r}"));
+        }
+        if !self.ids.is_empty() {
+            parts.push(format!("id {}", self.ids.join(", ")));
+        }
+        if let Some(d) = self.older_than {
+            parts.push(format!("older than {}", humantime::format_duration(d)));
+        }
+        if parts.is_empty() {
+            "every letter".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// How far an operation over the dead-letter queue has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Letters in the queue when the operation started (it looks at no more).
+    pub total: usize,
+    /// Letters looked at so far.
+    pub seen: usize,
+    /// Letters selected so far (replayed, purged, exported).
+    pub selected: usize,
 }
 
 /// What [`replay`] did.
@@ -221,14 +290,26 @@ pub struct ReplayReport {
     /// Letters published back to the app queue (confirmed) and removed.
     pub replayed: usize,
     /// Letters looked at that did not match the filter; they stay parked.
-    /// Letters past the limit are not looked at and not counted.
     pub skipped: usize,
+    /// Letters still in the dead-letter queue of those it held when the
+    /// replay started: everything but the replayed ones.
+    pub left: usize,
+}
+
+/// What [`purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Letters removed for good.
+    pub purged: usize,
+    /// Letters still in the dead-letter queue of those it held when the
+    /// purge started.
+    pub left: usize,
 }
 
 /// The number of ready messages in the dead-letter queue (unacknowledged
 /// ones held by a concurrent browse are not counted).
 pub async fn count(settings: &Settings) -> Result<u32> {
-    let session = Session::open(settings).await?;
+    let session = Browse::open(settings).await?;
     let result = session.count().await;
     session.close().await;
     result
@@ -237,20 +318,59 @@ pub async fn count(settings: &Settings) -> Result<u32> {
 /// Up to `limit` dead letters, oldest first, left in the queue (browsed: see
 /// the [module docs](self) on what browsing does to delivery counts).
 pub async fn list(settings: &Settings, limit: usize) -> Result<Vec<DeadLetter>> {
-    let session = Session::open(settings).await?;
-    let mut held = Held::default();
+    select(
+        settings,
+        &Filter {
+            limit: Some(limit),
+            ..Filter::default()
+        },
+    )
+    .await
+}
+
+/// The letters `filter` selects, oldest first, left in the queue (browsed).
+pub async fn select(settings: &Settings, filter: &Filter) -> Result<Vec<DeadLetter>> {
+    let mut letters = Vec::new();
+    visit(settings, filter, &mut |letter| {
+        letters.push(letter.clone());
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(letters)
+}
+
+/// Calls `each` with every letter `filter` selects, oldest first, leaving
+/// them in the queue (browsed); one letter at a time is in memory, so this
+/// suits a queue of any size (`dlq export`). `each` may stop the walk.
+/// Returns how far the walk came.
+pub async fn visit(
+    settings: &Settings,
+    filter: &Filter,
+    each: &mut dyn FnMut(&DeadLetter) -> std::ops::ControlFlow<()>,
+) -> Result<Progress> {
+    let session = Browse::open(settings).await?;
+    let mut held = Borrowed::default();
+    let mut progress = Progress::default();
     let result = async {
-        let total = session.count().await?;
-        let n = limit.min(total as usize);
-        let mut letters = Vec::with_capacity(n);
-        for _ in 0..n {
+        progress.total = session.count().await? as usize;
+        let now = wire::now_ms();
+        while progress.seen < progress.total
+            && filter.limit.is_none_or(|limit| progress.selected < limit)
+        {
             let Some(delivery) = session.get().await? else {
                 break;
             };
             held.hold(delivery.delivery_tag);
-            letters.push(DeadLetter::from_delivery(delivery));
+            progress.seen += 1;
+            let letter = DeadLetter::from_delivery(delivery);
+            if filter.matches_at(&letter, now) {
+                progress.selected += 1;
+                if each(&letter).is_break() {
+                    break;
+                }
+            }
         }
-        Ok(letters)
+        Ok(progress)
     }
     .await;
     session.finish(held, result).await
@@ -259,27 +379,16 @@ pub async fn list(settings: &Settings, limit: usize) -> Result<Vec<DeadLetter>> 
 /// The first dead letter whose message id is `message_id`, left in the queue
 /// (browsed; every letter before it is browsed too).
 pub async fn show(settings: &Settings, message_id: &str) -> Result<Option<DeadLetter>> {
-    let session = Session::open(settings).await?;
-    let mut held = Held::default();
-    let result = async {
-        let total = session.count().await?;
-        for _ in 0..total {
-            let Some(delivery) = session.get().await? else {
-                break;
-            };
-            held.hold(delivery.delivery_tag);
-            let letter = DeadLetter::from_delivery(delivery);
-            if letter.message_id == message_id {
-                return Ok(Some(letter));
-            }
-        }
-        Ok(None)
-    }
-    .await;
-    session.finish(held, result).await
+    let filter = Filter {
+        ids: vec![message_id.to_owned()],
+        limit: Some(1),
+        ..Filter::default()
+    };
+    Ok(select(settings, &filter).await?.into_iter().next())
 }
 
-/// Sends matching dead letters back to the app's own queue and removes them.
+/// Sends the dead letters `filter` selects back to the app's own queue and
+/// removes them; `progress` is told after each letter looked at.
 ///
 /// Each copy goes through `publisher` to the default exchange with the app
 /// queue's name as routing key, so only this app sees it. Its headers are
@@ -287,7 +396,7 @@ pub async fn show(settings: &Settings, message_id: &str) -> Result<Option<DeadLe
 /// `burrow-dead-at`, `burrow-last-error` (and the broker's
 /// `x-delivery-count`), with `burrow-attempt` = 1, `burrow-replays` one
 /// higher, and `burrow-handlers` = the handlers that failed (only
-/// [`ReplayFilter::handler`] if set; no header when none are recorded, so
+/// [`Filter::handler`] if set; no header when none are recorded, so
 /// every subscribed handler runs). `burrow-event-type` is kept, or set from
 /// [`DeadLetter::event_type`] for letters the broker parked.
 ///
@@ -300,55 +409,53 @@ pub async fn show(settings: &Settings, message_id: &str) -> Result<Option<DeadLe
 pub async fn replay(
     settings: &Settings,
     publisher: &Publisher,
-    filter: &ReplayFilter,
+    filter: &Filter,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<ReplayReport> {
     let app_queue = settings.app_queue();
-    let session = Session::open(settings).await?;
-    let mut held = Held::default();
-    let mut report = ReplayReport::default();
+    let session = Browse::open(settings).await?;
+    let mut held = Borrowed::default();
+    let mut seen = Progress::default();
     let result = async {
-        let total = session.count().await?;
-        for _ in 0..total {
-            if filter.limit.is_some_and(|limit| report.replayed >= limit) {
-                break;
-            }
+        seen.total = session.count().await? as usize;
+        let now = wire::now_ms();
+        while seen.seen < seen.total && filter.limit.is_none_or(|limit| seen.selected < limit) {
             let Some(delivery) = session.get().await? else {
                 break;
             };
+            seen.seen += 1;
             let tag = delivery.delivery_tag;
             let letter = DeadLetter::from_delivery(delivery);
-            if !filter.matches(&letter) {
+            if !filter.matches_at(&letter, now) {
                 held.hold(tag);
-                report.skipped += 1;
+                progress(seen);
                 continue;
             }
             let properties = replay_properties(&letter, filter.handler.as_deref());
+            let label = if letter.event_type.is_empty() {
+                crate::metrics::OTHER_EVENT
+            } else {
+                letter.event_type.as_str()
+            };
             if let Err(e) = publisher
-                .send("", &app_queue, &letter.body, properties)
+                .send_counted(label, "", &app_queue, &letter.body, &properties)
                 .await
             {
                 held.hold(tag);
                 return Err(e);
             }
-            session
-                .channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .await
-                .map_err(|e| {
-                    Error::amqp(
-                        format!(
-                            "basic.ack of dead letter '{}' after its replay was confirmed \
-                             (the letter stays in '{}' and a later replay would deliver it again)",
-                            letter.message_id, session.queue
-                        ),
-                        e,
-                    )
-                })?;
-            report.replayed += 1;
+            session.ack(tag, &letter.message_id).await?;
+            seen.selected += 1;
+            progress(seen);
         }
         Ok(())
     }
     .await;
+    let report = ReplayReport {
+        replayed: seen.selected,
+        skipped: seen.seen - seen.selected,
+        left: seen.total - seen.selected,
+    };
     if let Err(e) = &result {
         tracing::warn!(
             replayed = report.replayed,
@@ -361,55 +468,48 @@ pub async fn replay(
     Ok(report)
 }
 
-/// Removes dead letters and returns how many.
+/// Removes the dead letters `filter` selects, for good.
 ///
-/// Without `older_than`, everything ready in the queue goes (`queue.purge`;
-/// letters held unacknowledged by a concurrent browse survive). With it,
-/// only letters dead-lettered more than `older_than` ago (by
-/// `burrow-dead-at`, or `x-death` for letters the broker parked) are
-/// removed; the rest, including letters of unknown age, are browsed and
-/// returned.
-pub async fn purge(settings: &Settings, older_than: Option<Duration>) -> Result<usize> {
-    let session = Session::open(settings).await?;
-    let Some(older_than) = older_than else {
-        let result = session
-            .channel
-            .queue_purge(
-                wire::short_string("queue name", &session.queue)?,
-                QueuePurgeOptions::default(),
-            )
-            .await
-            .map(|n| n as usize)
-            .map_err(|e| Error::amqp(format!("queue.purge '{}'", session.queue), e));
+/// With an empty filter and no limit, everything ready in the queue goes in
+/// one `queue.purge` (letters held unacknowledged by a concurrent browse
+/// survive). Otherwise letters are browsed: the selected ones are acked
+/// (removed), the rest returned. Keep what you remove with [`visit`]
+/// (`burrow dlq export`) first.
+pub async fn purge(
+    settings: &Settings,
+    filter: &Filter,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PurgeReport> {
+    let session = Browse::open(settings).await?;
+    if !filter.is_selective() && filter.limit.is_none() {
+        let result = session.purge().await;
         session.close().await;
-        return result;
-    };
-    let cutoff =
-        wire::now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
-    let mut held = Held::default();
+        return result.map(|purged| PurgeReport { purged, left: 0 });
+    }
+    let mut held = Borrowed::default();
+    let mut seen = Progress::default();
     let result = async {
-        let total = session.count().await?;
-        let mut purged = 0;
-        for _ in 0..total {
+        seen.total = session.count().await? as usize;
+        let now = wire::now_ms();
+        while seen.seen < seen.total && filter.limit.is_none_or(|limit| seen.selected < limit) {
             let Some(delivery) = session.get().await? else {
                 break;
             };
+            seen.seen += 1;
             let tag = delivery.delivery_tag;
             let letter = DeadLetter::from_delivery(delivery);
-            if letter.dead_at_ms.is_some_and(|at| at < cutoff) {
-                session
-                    .channel
-                    .basic_ack(tag, BasicAckOptions::default())
-                    .await
-                    .map_err(|e| {
-                        Error::amqp(format!("basic.ack (purge) in '{}'", session.queue), e)
-                    })?;
-                purged += 1;
+            if filter.matches_at(&letter, now) {
+                session.ack(tag, &letter.message_id).await?;
+                seen.selected += 1;
             } else {
                 held.hold(tag);
             }
+            progress(seen);
         }
-        Ok(purged)
+        Ok(PurgeReport {
+            purged: seen.selected,
+            left: seen.total - seen.selected,
+        })
     }
     .await;
     session.finish(held, result).await
@@ -453,303 +553,6 @@ fn replay_properties(letter: &DeadLetter, only_handler: Option<&str>) -> BasicPr
         .with_message_id(wire::short_string_lossy(&letter.message_id))
         .with_delivery_mode(2)
         .with_headers(FieldTable::from(map))
-}
-
-// ---------------------------------------------------------------------------
-// Rendering
-// ---------------------------------------------------------------------------
-
-/// A table of dead letters, one line each: id, event, reason, handler,
-/// attempts, last error (first 60 characters, on one line) and age.
-/// An empty slice gives `no dead letters`.
-pub fn render_table(letters: &[DeadLetter]) -> String {
-    if letters.is_empty() {
-        return "no dead letters\n".into();
-    }
-    let now = wire::now_ms();
-    let header = [
-        "ID",
-        "EVENT",
-        "REASON",
-        "HANDLER",
-        "ATTEMPTS",
-        "LAST ERROR",
-        "AGE",
-    ];
-    let rows: Vec<[String; 7]> = letters
-        .iter()
-        .map(|l| {
-            let handler = match (&l.failed_handler, l.handlers.len()) {
-                (Some(h), n) if n > 1 => format!("{h} (+{})", n - 1),
-                (Some(h), _) => h.clone(),
-                (None, 0) => "-".into(),
-                (None, _) => l.handlers.join(","),
-            };
-            [
-                l.message_id.clone(),
-                or_dash(&l.event_type),
-                or_dash(l.reason.as_deref().unwrap_or("")),
-                handler,
-                l.attempts.map_or("-".into(), |n| n.to_string()),
-                or_dash(&one_line(
-                    l.last_error.as_deref().unwrap_or(""),
-                    TABLE_ERROR_WIDTH,
-                )),
-                l.age(now).map_or("-".into(), format_age),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                let _ = write!(text, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
-}
-
-/// Everything about one dead letter: the fields burrow reads, every
-/// property and header, and the body (pretty-printed when it is JSON).
-pub fn render_detail(letter: &DeadLetter) -> String {
-    let now = wire::now_ms();
-    let mut out = String::new();
-    let mut field = |name: &str, value: String| {
-        let _ = writeln!(out, "{name:<15} {value}");
-    };
-    field("message id", letter.message_id.clone());
-    field("event", or_dash(&letter.event_type));
-    field("reason", or_dash(letter.reason.as_deref().unwrap_or("")));
-    field(
-        "failed handler",
-        or_dash(letter.failed_handler.as_deref().unwrap_or("")),
-    );
-    field(
-        "handlers",
-        if letter.handlers.is_empty() {
-            "(none recorded: a replay runs every subscribed handler)".into()
-        } else {
-            letter.handlers.join(", ")
-        },
-    );
-    field(
-        "attempts",
-        letter.attempts.map_or("-".into(), |n| n.to_string()),
-    );
-    field("replays", letter.replays.to_string());
-    field(
-        "first failure",
-        letter
-            .first_failure_at_ms
-            .map_or("-".into(), |ms| format_time(ms, now)),
-    );
-    field(
-        "dead at",
-        letter
-            .dead_at_ms
-            .map_or("-".into(), |ms| format_time(ms, now)),
-    );
-    field("routing key", letter.routing_key.clone());
-    match letter.last_error.as_deref() {
-        Some(error) if !error.is_empty() => {
-            out.push_str("last error:\n");
-            for l in error.lines() {
-                let _ = writeln!(out, "  {l}");
-            }
-        }
-        _ => field("last error", "-".into()),
-    }
-
-    out.push_str("properties:\n");
-    let p = &letter.properties;
-    let mut prop = |name: &str, value: Option<String>| {
-        if let Some(v) = value {
-            let _ = writeln!(out, "  {name} = {v}");
-        }
-    };
-    let s = |v: &Option<ShortString>| v.as_ref().map(|s| format!("{:?}", s.as_str()));
-    prop("content_type", s(p.content_type()));
-    prop("content_encoding", s(p.content_encoding()));
-    prop("delivery_mode", p.delivery_mode().map(|m| m.to_string()));
-    prop("priority", p.priority().map(|m| m.to_string()));
-    prop("correlation_id", s(p.correlation_id()));
-    prop("reply_to", s(p.reply_to()));
-    prop("expiration", s(p.expiration()));
-    prop("message_id", s(p.message_id()));
-    prop(
-        "timestamp",
-        p.timestamp()
-            .map(|t| render_value(&AMQPValue::Timestamp(t))),
-    );
-    prop("type", s(p.kind()));
-    prop("user_id", s(p.user_id()));
-    prop("app_id", s(p.app_id()));
-    prop("cluster_id", s(p.cluster_id()));
-
-    if letter.headers.inner().is_empty() {
-        out.push_str("headers: none\n");
-    } else {
-        out.push_str("headers:\n");
-        for (k, v) in &letter.headers {
-            let _ = writeln!(out, "  {} = {}", k.as_str(), render_value(v));
-        }
-    }
-
-    let len = letter.body.len();
-    match serde_json::from_slice::<serde_json::Value>(&letter.body) {
-        Ok(json) => {
-            let pretty = serde_json::to_string_pretty(&json).unwrap_or_default();
-            let _ = writeln!(out, "body ({len} bytes, JSON):\n{pretty}");
-        }
-        Err(_) => match std::str::from_utf8(&letter.body) {
-            Ok(text) => {
-                let _ = writeln!(out, "body ({len} bytes, not JSON; as text):\n{text}");
-            }
-            Err(_) => {
-                let shown = &letter.body[..len.min(64)];
-                let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
-                let _ = writeln!(
-                    out,
-                    "body ({len} bytes, not JSON and not UTF-8; lossy text below; first {} bytes as hex: {hex}):\n{}",
-                    shown.len(),
-                    printable(&String::from_utf8_lossy(&letter.body))
-                );
-            }
-        },
-    }
-    out
-}
-
-/// `text` with control characters other than line breaks and tabs shown as `.`.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
-                '.'
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-fn or_dash(s: &str) -> String {
-    if s.is_empty() {
-        "-".into()
-    } else {
-        s.to_owned()
-    }
-}
-
-/// `text` on one line (line breaks become `; `), cut to `max` characters.
-fn one_line(text: &str, max: usize) -> String {
-    let joined = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let flat: String = joined
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() <= max {
-        return flat;
-    }
-    let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// An age rounded to what is worth reading: seconds under an hour, minutes
-/// under a day, hours beyond.
-fn format_age(age: Duration) -> String {
-    let secs = age.as_secs();
-    let rounded = if secs >= 86_400 {
-        secs / 3600 * 3600
-    } else if secs >= 3600 {
-        secs / 60 * 60
-    } else {
-        secs
-    };
-    humantime::format_duration(Duration::from_secs(rounded)).to_string()
-}
-
-/// `2024-05-01T10:00:00.000Z (3m 2s ago)`.
-fn format_time(ms: i64, now_ms: i64) -> String {
-    let at = chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| format!("{ms} ms"));
-    let ago = format_age(Duration::from_millis(
-        u64::try_from(now_ms - ms).unwrap_or(0),
-    ));
-    format!("{at} ({ago} ago)")
-}
-
-/// A header value as text.
-fn render_value(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::DecimalValue(d) => {
-            format!("{}e-{}", d.value, d.scale)
-        }
-        AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),
-        AMQPValue::LongString(s) => format!("{:?}", String::from_utf8_lossy(s.as_bytes())),
-        AMQPValue::FieldArray(items) => format!(
-            "[{}]",
-            items
-                .as_slice()
-                .iter()
-                .map(render_value)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        AMQPValue::Timestamp(secs) => {
-            let at = i64::try_from(*secs)
-                .ok()
-                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-            match at {
-                Some(at) => format!("{secs} ({at})"),
-                None => secs.to_string(),
-            }
-        }
-        AMQPValue::FieldTable(table) => format!(
-            "{{{}}}",
-            table
-                .into_iter()
-                .map(|(k, v)| format!("{}: {}", k.as_str(), render_value(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        AMQPValue::ByteArray(bytes) => format!("<{} bytes>", bytes.len()),
-        AMQPValue::Void => "void".into(),
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -823,130 +626,8 @@ fn first_published_routing_key(headers: &FieldTable) -> Option<String> {
     })
 }
 
-// ---------------------------------------------------------------------------
-// The AMQP side
-// ---------------------------------------------------------------------------
-
-/// A connection and channel on the dead-letter queue.
-struct Session {
-    conn: Connection,
-    channel: Channel,
-    queue: String,
-}
-
-/// The highest delivery tag held unacknowledged, to return them all at once.
-#[derive(Default)]
-struct Held(Option<u64>);
-
-impl Held {
-    fn hold(&mut self, tag: u64) {
-        self.0 = Some(self.0.map_or(tag, |t| t.max(tag)));
-    }
-}
-
-impl Session {
-    async fn open(settings: &Settings) -> Result<Self> {
-        let conn = connection::open(
-            &settings.amqp,
-            &format!("burrow dlq ({})", settings.app.name),
-        )
-        .await?;
-        let channel = match conn.create_channel().await {
-            Ok(channel) => channel,
-            Err(e) => {
-                let _ = conn.close(200, "burrow dlq done".into()).await;
-                return Err(Error::amqp("channel.open (dlq)", e));
-            }
-        };
-        Ok(Self {
-            conn,
-            channel,
-            queue: settings.dead_letter_queue(),
-        })
-    }
-
-    /// Ready messages in the queue (passive declare).
-    async fn count(&self) -> Result<u32> {
-        self.channel
-            .queue_declare(
-                wire::short_string("queue name", &self.queue)?,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count())
-            .map_err(|e| {
-                Error::amqp(
-                    format!(
-                        "queue.declare (passive) of dead-letter queue '{}' (if it does not exist, \
-                         start the app's worker or run `burrow topology apply` first)",
-                        self.queue
-                    ),
-                    e,
-                )
-            })
-    }
-
-    /// The next message, held unacknowledged.
-    async fn get(&self) -> Result<Option<Delivery>> {
-        self.channel
-            .basic_get(
-                wire::short_string("queue name", &self.queue)?,
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map(|m| m.map(|m| m.delivery))
-            .map_err(|e| Error::amqp(format!("basic.get from '{}'", self.queue), e))
-    }
-
-    /// Returns every held message to the queue, closes, and hands back
-    /// `result` (or the requeue's error when `result` was fine).
-    async fn finish<T>(self, held: Held, result: Result<T>) -> Result<T> {
-        let mut requeued = Ok(());
-        if let Some(tag) = held.0
-            && self.channel.status().connected()
-        {
-            requeued = self
-                .channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: true,
-                        requeue: true,
-                    },
-                )
-                .await
-                .map_err(|e| {
-                    Error::amqp(
-                        format!(
-                            "basic.nack (return browsed letters to '{}'; closing the connection returns them anyway)",
-                            self.queue
-                        ),
-                        e,
-                    )
-                });
-        }
-        self.close().await;
-        let value = result?;
-        requeued?;
-        Ok(value)
-    }
-
-    async fn close(self) {
-        if self.channel.status().connected() {
-            let _ = self.channel.close(200, "burrow dlq done".into()).await;
-        }
-        if self.conn.status().connected() {
-            let _ = self.conn.close(200, "burrow dlq done".into()).await;
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use lapin::types::FieldArray;
 
@@ -958,7 +639,7 @@ mod tests {
         t
     }
 
-    fn burrow_letter() -> DeadLetter {
+    pub(crate) fn burrow_letter() -> DeadLetter {
         let headers = table(vec![
             (
                 headers::EVENT_TYPE,
@@ -1109,11 +790,11 @@ mod tests {
     #[test]
     fn filters_by_event_and_handler() {
         let l = burrow_letter();
-        assert!(ReplayFilter::default().matches(&l));
-        let f = |event: Option<&str>, handler: Option<&str>| ReplayFilter {
+        assert!(Filter::default().matches(&l));
+        let f = |event: Option<&str>, handler: Option<&str>| Filter {
             event: event.map(str::to_owned),
             handler: handler.map(str::to_owned),
-            limit: None,
+            ..Filter::default()
         };
         assert!(f(Some("CardAddedToLibraryEvent"), None).matches(&l));
         assert!(f(Some("#"), Some("search.index")).matches(&l));
@@ -1124,49 +805,34 @@ mod tests {
     }
 
     #[test]
-    fn renders_a_table_and_a_detail() {
-        let l = burrow_letter();
-        let table = render_table(std::slice::from_ref(&l));
-        let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("ID"), "{table}");
-        assert!(lines[0].contains("LAST ERROR") && lines[0].ends_with("AGE"));
-        assert!(lines[1].contains("m-1") && lines[1].contains("permanent"));
-        assert!(lines[1].contains("library.attach (+1)"), "{table}");
+    fn filters_by_reason_id_and_age() {
+        let l = burrow_letter(); // dead at 1_700_000_000_000
+        let at = |ms: i64, filter: Filter| filter.matches_at(&l, ms);
+        let reason = |r: &str| Filter {
+            reason: Some(r.into()),
+            ..Filter::default()
+        };
+        assert!(at(0, reason("permanent")));
+        assert!(!at(0, reason("undecodable")));
+        let ids = |ids: &[&str]| Filter {
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            ..Filter::default()
+        };
+        assert!(at(0, ids(&["x", "m-1"])));
+        assert!(!at(0, ids(&["x"])));
+        let older = Filter {
+            older_than: Some(Duration::from_secs(60)),
+            ..Filter::default()
+        };
+        assert!(at(1_700_000_061_000, older.clone()));
+        assert!(!at(1_700_000_059_000, older.clone()));
+        let ageless = DeadLetter::read("q", BasicProperties::default(), Vec::new());
         assert!(
-            lines[1].contains("library.attach: gone; search.index: no"),
-            "{table}"
+            !older.matches(&ageless),
+            "a letter of unknown age is never old enough"
         );
-        assert_eq!(render_table(&[]), "no dead letters\n");
-
-        let detail = render_detail(&l);
-        assert!(detail.contains("\"aggregateId\": \"a-1\""), "{detail}");
-        assert!(
-            detail.contains("burrow-dead-reason = \"permanent\""),
-            "{detail}"
-        );
-        assert!(detail.contains("2023-11-14T22:13:20.000Z"), "{detail}");
-        assert!(detail.contains("  search.index: no"), "{detail}");
-
-        let binary = DeadLetter::read("q", BasicProperties::default(), vec![0xff, 0x00, 0x41]);
-        let detail = render_detail(&binary);
-        assert!(
-            detail.contains("not UTF-8") && detail.contains("ff0041"),
-            "{detail}"
-        );
-    }
-
-    #[test]
-    fn long_errors_fit_one_line() {
-        let long = format!("a: {}\nb: x", "e".repeat(100));
-        let cut = one_line(&long, 60);
-        assert_eq!(cut.chars().count(), 60);
-        assert!(cut.ends_with('…') && !cut.contains('\n'));
-        assert_eq!(
-            format_age(Duration::from_secs(3 * 86_400 + 3700)),
-            "3days 1h"
-        );
-        assert_eq!(format_age(Duration::from_secs(3725)), "1h 2m");
-        assert_eq!(format_age(Duration::from_secs(62)), "1m 2s");
+        assert!(!Filter::default().is_selective());
+        assert!(older.is_selective());
+        assert_eq!(older.describe(), "older than 1m");
     }
 }
