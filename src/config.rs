@@ -71,6 +71,11 @@ pub struct AmqpSettings {
     pub exchange: String,
     /// Heartbeat interval in seconds asked of the broker (0 disables).
     pub heartbeat: u16,
+    /// The longest wait between two attempts to reach the broker, jitter
+    /// included: the worker waits 200 ms after the first failure, doubling
+    /// up to this.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
     /// TLS for `amqps://` URLs.
     pub tls: TlsSettings,
 }
@@ -82,6 +87,7 @@ impl Default for AmqpSettings {
             password_file: None,
             exchange: "domain_events".into(),
             heartbeat: 30,
+            reconnect_max_delay: Duration::from_secs(30),
             tls: TlsSettings::default(),
         }
     }
@@ -108,6 +114,12 @@ impl AmqpSettings {
             )));
         }
         self.password()?;
+        if self.reconnect_max_delay < Duration::from_millis(200) {
+            return Err(Error::Config(format!(
+                "amqp.reconnect_max_delay = {} is invalid: use 200ms or more, e.g. \"30s\"",
+                humantime::format_duration(self.reconnect_max_delay)
+            )));
+        }
         self.tls.validate()
     }
 }
@@ -151,7 +163,7 @@ impl TlsSettings {
 }
 
 /// The kind of RabbitMQ queue used for the app queue and its dead-letter queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Replicated, durable, supports delivery limits and at-least-once
@@ -160,6 +172,20 @@ pub enum QueueType {
     Quorum,
     /// Single-node classic queue (no delivery limit, at-most-once dead-lettering).
     Classic,
+}
+
+impl<'de> Deserialize<'de> for QueueType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        match value.as_str() {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(serde::de::Error::custom(format!(
+                "queue.type = {other:?} is invalid: use \"quorum\" (the default: replicated, with a delivery limit) \
+                 or \"classic\"; streams do not support the acknowledgements and dead-lettering burrow relies on"
+            ))),
+        }
+    }
 }
 
 impl fmt::Display for QueueType {
@@ -282,7 +308,9 @@ impl Default for PublisherSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address of the health and metrics endpoint; unset disables it.
+    /// Address of the health and metrics endpoint (an IP address and port);
+    /// `"off"` (or an empty value) disables it.
+    #[serde(deserialize_with = "deserialize_http_addr")]
     pub addr: Option<SocketAddr>,
 }
 
@@ -396,15 +424,46 @@ impl Default for InboxSettings {
     }
 }
 
+fn deserialize_http_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<SocketAddr>, D::Error> {
+    let value = String::deserialize(d)?;
+    let trimmed = value.trim();
+    if trimmed.is_empty()
+        || trimmed.eq_ignore_ascii_case("off")
+        || trimmed.eq_ignore_ascii_case("none")
+    {
+        return Ok(None);
+    }
+    trimmed.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "http.addr = {value:?} is invalid: use an IP address and port such as 127.0.0.1:9090 \
+             (host names are not resolved; 0.0.0.0:9090 listens on every interface), or \"off\" to disable the endpoint"
+        ))
+    })
+}
+
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        match value.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(serde::de::Error::custom(format!(
+                "log.format = {other:?} is invalid: use \"text\" (lines for people) or \"json\" (one object per line, for log stores)"
+            ))),
+        }
+    }
 }
 
 /// `[log]`
@@ -421,7 +480,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            filter: "info,lapin=error".into(),
+            filter: "info,lapin=off".into(),
         }
     }
 }
@@ -487,6 +546,21 @@ impl Settings {
             .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Settings that are valid but probably not what was meant, one line
+    /// each with the fix; [`crate::Worker::run`] logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.consumer.concurrency > usize::from(self.consumer.prefetch) {
+            warnings.push(format!(
+                "consumer.concurrency = {} exceeds consumer.prefetch = {}: the broker never sends more than \
+                 prefetch unacknowledged deliveries, so at most {} handlers run at once; raise consumer.prefetch \
+                 to at least consumer.concurrency",
+                self.consumer.concurrency, self.consumer.prefetch, self.consumer.prefetch
+            ));
+        }
+        warnings
     }
 
     /// Checks every value; the error names the key and the accepted range.
@@ -901,6 +975,56 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{settings:?}").contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_the_value_and_the_fix() {
+        let load = |toml: &str| {
+            config::Config::builder()
+                .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+                .build()
+                .unwrap()
+                .try_deserialize::<Settings>()
+                .map_err(|e| e.to_string())
+        };
+        let e = load("[http]\naddr = \"localhost:9090\"").unwrap_err();
+        assert!(
+            e.contains("\"localhost:9090\"")
+                && e.contains("127.0.0.1:9090")
+                && e.contains("\"off\""),
+            "{e}"
+        );
+        assert_eq!(load("[http]\naddr = \"off\"").unwrap().http.addr, None);
+        assert_eq!(load("[http]\naddr = \"\"").unwrap().http.addr, None);
+        let e = load("[log]\nformat = \"yaml\"").unwrap_err();
+        assert!(
+            e.contains("\"yaml\"") && e.contains("\"text\"") && e.contains("\"json\""),
+            "{e}"
+        );
+        let e = load("[queue]\ntype = \"stream\"").unwrap_err();
+        assert!(
+            e.contains("\"stream\"") && e.contains("\"quorum\"") && e.contains("\"classic\""),
+            "{e}"
+        );
+        assert_eq!(
+            load("[queue]\ntype = \"classic\"").unwrap().queue.kind,
+            QueueType::Classic
+        );
+    }
+
+    #[test]
+    fn concurrency_above_prefetch_is_a_warning_with_the_fix() {
+        let mut s = Settings::default();
+        assert!(s.warnings().is_empty());
+        s.consumer.prefetch = 4;
+        s.consumer.concurrency = 64;
+        s.validate().expect("valid, if odd");
+        let w = s.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("consumer.prefetch") && w[0].contains("at most 4"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -85,6 +85,25 @@ async fn connect_uri(
 /// handshake with (`received fatal alert: …`) as I/O errors; only their text
 /// tells them apart.
 fn connect_error(url: &AmqpUrl, tls: &TlsSettings, source: lapin::Error) -> Error {
+    if let lapin::ErrorKind::ProtocolError(e) = source.kind() {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        if matches!(
+            e.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ) {
+            return Error::AccessRefused {
+                url: url.to_string(),
+                reply: crate::redact::redact(&e.to_string()),
+            };
+        }
+    }
+    if matches!(source.kind(), lapin::ErrorKind::AuthProviderError(_)) {
+        return Error::AccessRefused {
+            url: url.to_string(),
+            reply: crate::redact::redact(&source.to_string()),
+        };
+    }
     let lapin::ErrorKind::IOError(io) = source.kind() else {
         return Error::Connect {
             url: url.to_string(),

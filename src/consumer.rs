@@ -21,7 +21,7 @@
 //! (the channel closed under us): the broker will redeliver, and the
 //! outcome says so.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -198,24 +198,41 @@ impl Worker {
     }
 
     async fn run_sessions(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport> {
+        for warning in self.settings.warnings() {
+            warn!("{warning}");
+        }
         let publisher = Publisher::new(&self.settings, self.metrics.clone())?;
         let mut report = RunReport::default();
         tokio::pin!(shutdown);
-        let mut delays = reconnect_backoff();
+        let cap = self.settings.amqp.reconnect_max_delay;
+        let backoff = || crate::backoff::capped(FIRST_RECONNECT_DELAY, cap);
+        let mut delays = backoff();
+        let mut ever_consumed = false;
         let result = loop {
             match self.session(&publisher, &mut shutdown, &mut report).await {
                 SessionEnd::Shutdown => break Ok(()),
                 SessionEnd::Lost { error, consumed } => {
                     self.metrics.set_connected(false);
-                    if !error.is_retryable() {
+                    ever_consumed |= consumed;
+                    // A refused login at start is a mistake to fix (exit,
+                    // like a wrong database password); once this worker has
+                    // consumed, it is a password being rotated: keep trying.
+                    let rotating = ever_consumed && matches!(error, Error::AccessRefused { .. });
+                    if !error.is_retryable() && !rotating {
                         break Err(error);
                     }
                     if consumed {
-                        delays = reconnect_backoff();
+                        delays = backoff();
                     }
-                    let delay = delays.next().unwrap_or(MAX_RECONNECT_DELAY);
+                    let delay = delays.next().unwrap_or(cap);
                     self.state.send_replace(WorkerState::Reconnecting);
-                    error!(error = %error, retry_in = %humantime::format_duration(delay), "lost the broker; reconnecting");
+                    let retry_in =
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    if ever_consumed {
+                        error!(error = %error, %retry_in, "lost the broker; reconnecting");
+                    } else {
+                        error!(error = %error, %retry_in, "cannot reach the broker; retrying");
+                    }
                     tokio::select! {
                         _ = &mut shutdown => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -313,6 +330,7 @@ impl Worker {
             .with_header_budget(HeaderBudget::new(settings.consumer.max_header_bytes)),
             publisher: publisher.clone(),
             queue: queue.clone(),
+            app: settings.app.name.clone(),
             dead_queue: settings.dead_letter_queue(),
             outcomes: self.outcomes.clone(),
             metrics: self.metrics.clone(),
@@ -476,21 +494,8 @@ enum SessionEnd {
     },
 }
 
-/// The longest wait between reconnection attempts.
-const MAX_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Reconnect delays: 200 ms doubling to 30 s, with jitter so a fleet of
-/// workers does not reconnect in lockstep after a broker restart; never
-/// gives up (lapin's own recovery stops after a fixed number of tries).
-fn reconnect_backoff() -> impl Iterator<Item = std::time::Duration> {
-    backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(std::time::Duration::from_millis(200))
-            .with_max_delay(MAX_RECONNECT_DELAY)
-            .with_jitter()
-            .without_max_times(),
-    )
-}
+/// The wait before the first reconnection attempt (an upper bound: jittered).
+const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
 /// How long closing the channel and connections may wait for the broker's
 /// close-ok. A silent broker (a partitioned network) would otherwise hold the
@@ -588,6 +593,7 @@ struct Shared {
     pipeline: Pipeline,
     publisher: Publisher,
     queue: String,
+    app: String,
     dead_queue: String,
     outcomes: broadcast::Sender<Outcome>,
     metrics: Metrics,
@@ -605,39 +611,30 @@ impl Shared {
             acker,
             ..
         } = delivery;
-        // The span's fields are filled once the metadata is read.
-        // Field names follow OpenTelemetry's messaging conventions where they exist.
+        // The metadata is read before the span is entered, so every line
+        // logged while the delivery is handled (a handler's own lines too,
+        // inside its `handler` span) carries the message id, event, app and
+        // attempt. Field names follow OpenTelemetry's messaging conventions
+        // where they exist.
+        let incoming = Incoming::read(exchange.as_str(), routing_key.as_str(), &properties, &data);
         let span = info_span!(
             "delivery",
             messaging.system = "rabbitmq",
             messaging.operation = "process",
             messaging.destination.name = %self.queue,
-            event = tracing::field::Empty,
-            message_id = tracing::field::Empty,
-            correlation_id = tracing::field::Empty,
-            attempt = tracing::field::Empty,
+            app = %self.app,
+            event = %incoming.event_type,
+            message_id = %incoming.message_id,
+            correlation_id = incoming.correlation_id.as_deref().unwrap_or(""),
+            attempt = incoming.attempt,
         );
         #[cfg(feature = "otel")]
         crate::otel::set_parent(&span, properties.headers().as_ref());
         async {
             let processed = self
                 .pipeline
-                .process(
-                    exchange.as_str(),
-                    routing_key.as_str(),
-                    &properties,
-                    &data,
-                    &self.shutdown,
-                )
+                .process_incoming(incoming, &properties, &data, &self.shutdown)
                 .await;
-            let span = tracing::Span::current();
-            span.record("event", processed.incoming.event_type.as_str());
-            span.record("message_id", processed.incoming.message_id.as_str());
-            span.record(
-                "correlation_id",
-                processed.incoming.correlation_id.as_deref().unwrap_or(""),
-            );
-            span.record("attempt", processed.incoming.attempt);
             self.record_metrics(&processed);
             let moved = self.settle(&processed, &properties, &data, &acker).await;
             // Outcomes are built only for subscribers (tests, the demo).

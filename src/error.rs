@@ -43,6 +43,20 @@ pub enum Error {
         fix: String,
     },
 
+    /// The broker refused the login (`ACCESS_REFUSED`) or the virtual host
+    /// (`NOT_ALLOWED`): a wrong user or password, or a user without access
+    /// to the vhost. Trying again does not help until someone fixes it.
+    #[error(
+        "RabbitMQ at {url} refused the connection: {reply}. Fix: check the user and password in amqp.url \
+         (or amqp.password_file) and that the user may use the vhost (`rabbitmqctl list_permissions -p <vhost>`)"
+    )]
+    AccessRefused {
+        /// The redacted broker URL.
+        url: String,
+        /// The broker's reply (`ACCESS_REFUSED - Login was refused ...`).
+        reply: String,
+    },
+
     /// An AMQP operation failed on an open connection.
     #[error("AMQP {operation} failed: {source}")]
     Amqp {
@@ -243,6 +257,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. } => true,
+            // A wrong password does not fix itself (but see Worker::run: a
+            // worker that consumed before keeps trying, for a rotation).
+            Error::AccessRefused { .. } => false,
             // Certificates do not change by themselves: a person must act.
             Error::Tls { .. } => false,
             Error::Amqp { source, .. } => amqp_retryable(source),

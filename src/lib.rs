@@ -40,6 +40,7 @@
 //! | [`pipeline`] | delivery → [`Settlement`], no I/O |
 //! | [`consumer`] | the [`Worker`] loop and settlement |
 //! | [`ack`] | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
+//! | [`backoff`] | retry delays that stay under their cap, jitter included |
 //! | [`connection`] | opening connections (heartbeats, timeouts, names) |
 //! | [`redact`] | keeping passwords out of errors, logs, output and panics |
 //! | [`cli`] | the `burrow` command line |
@@ -82,6 +83,7 @@
 //! ```
 
 pub mod ack;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -209,13 +209,7 @@ const MAX_DATABASE_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// database restart; never gives up (like the broker connection, see
 /// [`crate::Worker::run`]).
 pub(crate) fn database_backoff() -> impl Iterator<Item = Duration> + Send {
-    backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(MAX_DATABASE_RETRY_DELAY)
-            .with_jitter()
-            .without_max_times(),
-    )
+    crate::backoff::capped(Duration::from_millis(200), MAX_DATABASE_RETRY_DELAY)
 }
 
 /// One attempt: a single probe connection first, so the error is the

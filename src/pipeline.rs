@@ -239,6 +239,19 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Processed {
         let incoming = Incoming::read(exchange, routing_key, properties, body);
+        self.process_incoming(incoming, properties, body, shutdown)
+            .await
+    }
+
+    /// [`Pipeline::process`] for a delivery whose metadata was read already
+    /// (the consumer reads it first, to put it on the delivery's span).
+    pub(crate) async fn process_incoming(
+        &self,
+        incoming: Incoming,
+        properties: &BasicProperties,
+        body: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Processed {
         let dead = |reason: DeadReason, detail: String| {
             Settlement::DeadLetter(DeadLetterMove {
                 reason,

@@ -20,8 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::BackoffBuilder;
-
 use deadpool::managed::{self, RecycleError, RecycleResult};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
@@ -447,13 +445,8 @@ impl Publisher {
 
 /// Delays between resends of a publish whose connection was lost: 50 ms
 /// doubling to 2 s, with jitter.
-fn resend_backoff() -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
+fn resend_backoff() -> impl Iterator<Item = Duration> + Send {
+    crate::backoff::capped(Duration::from_millis(50), Duration::from_secs(2))
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {

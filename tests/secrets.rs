@@ -52,16 +52,108 @@ fn assert_clean(what: &str, text: &str, password: &str) {
     );
 }
 
+/// Percent-encodes a URL's userinfo part.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A password as a well-formed one (letters, digits, a dash).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_command_output_log_or_endpoint_contains_the_password() {
+    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    every_path_hides(&password).await;
+}
+
+/// A password with every character that breaks naive URL scanning: `/`
+/// (base64 secrets), `@`, `:`, `%`, quotes, a space, `#` and `?`. The working
+/// URL percent-encodes it; the commands are also run with it unencoded, as
+/// a person who forgot would write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_full_of_url_syntax_never_shows_either() {
+    let password = format!(
+        "ab/c@d:e%f\"g'h i#j?k-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    every_path_hides(&password).await;
+}
+
+/// The password kept out of the URL: `amqp.password_file`, as a
+/// Kubernetes secret mount provides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_can_come_from_a_file() {
+    let settings = TestApp::new("secret-file").build();
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let password = format!("file/{}", uuid::Uuid::new_v4().simple());
+    let user = User(unique("burrow-secret-file"));
+    rabbitmqctl(&["add_user", &user.0, &password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    let dir = std::env::temp_dir().join(unique("burrow-secret-mount"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("amqp-password");
+    // As a secret mount may hold it: with a trailing line break.
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let without_password = format!("{scheme}://{}@{host}", user.0);
+    let burrow = Burrow::new(&settings, &without_password)
+        .with("BURROW__AMQP__PASSWORD_FILE", file.to_str().unwrap());
+    let (code, text) = burrow.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(0), "the password from the file logs in:\n{text}");
+    assert_clean("topology apply", &text, &password);
+    let (code, text) = burrow
+        .run(&[
+            "publish",
+            "CardAddedToLibraryEvent",
+            r#"{"aggregateId":"c-1"}"#,
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{text}");
+
+    // A password in both places is ambiguous: refused, naming both keys.
+    let both = Burrow::new(&settings, &url_as(&user.0, &encode(&password)))
+        .with("BURROW__AMQP__PASSWORD_FILE", file.to_str().unwrap());
+    let (code, text) = both.run(&["topology"]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("amqp.password_file"), "{text}");
+    assert_clean("both", &text, &password);
+    // A file that cannot be read: the key and the path, never a content.
+    let missing = Burrow::new(&settings, &without_password).with(
+        "BURROW__AMQP__PASSWORD_FILE",
+        dir.join("nope").to_str().unwrap(),
+    );
+    let (code, text) = missing.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("amqp.password_file") && text.contains("nope"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn every_path_hides(password: &str) {
+    let password = password.to_owned();
+    let encoded = encode(&password);
     let settings = TestApp::new("secret").build();
     let mut cleanup = Cleanup::new();
     cleanup.app(&settings);
 
-    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
     let user = User(unique("burrow-secret"));
     rabbitmqctl(&["add_user", &user.0, &password]);
     rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    let assert_clean = |what: &str, text: &str, password: &str| {
+        assert_clean(what, text, password);
+        assert_clean(what, text, &encode(password));
+    };
 
     let http = format!("127.0.0.1:{}", free_port());
     let env = |url: String| {
@@ -70,9 +162,9 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
             .with("BURROW__HTTP__ADDR", &http)
             .with("RUST_LOG", "debug")
     };
-    let good = env(url_as(&user.0, &password));
-    let bad = env(url_as(&user.0, &format!("{password}-wrong")));
-
+    let good = env(url_as(&user.0, &encoded));
+    let bad = env(url_as(&user.0, &encode(&format!("{password}-wrong"))));
+    let unencoded = env(url_as(&user.0, &password));
     // The worker: logs at debug, /metrics, /healthz, /readyz.
     let logs = std::env::temp_dir().join(unique("burrow-secrets"));
     std::fs::create_dir_all(&logs).unwrap();
@@ -122,60 +214,45 @@ async fn no_command_output_log_or_endpoint_contains_the_password() {
         assert_clean(path, &body, &password);
     }
 
-    // Every command that connects, with a wrong password: it fails, and says so without the secret.
-    for args in [
-        vec!["publish", "CardAddedToLibraryEvent", json],
-        vec!["topology", "apply"],
-        vec!["topology", "verify"],
-        vec!["dlq", "list"],
-        vec!["dlq", "replay"],
-        vec!["dlq", "purge", "--yes"],
-        vec!["drain", "--idle", "1s"],
-        vec!["demo"],
-    ] {
-        if args[0] == "drain" || args[0] == "demo" {
-            // These keep retrying the connection; give them a moment, then stop them.
-            let env = bad
+    // Every command that connects, with a wrong password and with the
+    // password unencoded: it fails at once, and says so without the secret.
+    for (how, env) in [("wrong password", &bad), ("unencoded password", &unencoded)] {
+        for args in [
+            vec!["publish", "CardAddedToLibraryEvent", json],
+            vec!["topology", "apply"],
+            vec!["topology", "verify"],
+            vec!["dlq", "list"],
+            vec!["dlq", "replay"],
+            vec!["dlq", "purge", "--yes"],
+            vec!["drain", "--idle", "1s"],
+            vec!["demo"],
+            vec!["run"],
+        ] {
+            if password == encoded && how == "unencoded password" {
+                // Nothing to encode: the same URL as the good one.
+                continue;
+            }
+            let env = env
                 .clone()
                 .with("BURROW__HTTP__ADDR", &format!("127.0.0.1:{}", free_port()));
-            let log = logs.join(format!("{}.log", args[0]));
-            let mut child = env.spawn(&args, &log);
-            // Both retry the connection forever: wait until the log shows a
-            // failed attempt, then stop them and check what they printed.
-            within("a failed connection attempt in the log", async {
-                while !std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("reconnecting")
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-            .await;
-            let _ = child.start_kill();
-            let _ = within("the command to stop", child.wait()).await;
-            let text = std::fs::read_to_string(&log).unwrap();
-            assert_clean(
-                &format!("burrow {args:?} (wrong password)"),
-                &text,
-                &password,
+            let (code, text) = env.run(&args).await;
+            assert_ne!(
+                code,
+                Some(0),
+                "burrow {args:?} must fail with a {how}:\n{text}"
             );
-            continue;
+            assert!(
+                text.contains("***"),
+                "the error should show the redacted URL:\n{text}"
+            );
+            assert_clean(&format!("burrow {args:?} ({how})"), &text, &password);
+            if how == "wrong password" && matches!(args[0], "run" | "drain") {
+                assert!(
+                    text.contains("refused the connection"),
+                    "a refused login at start ends the worker with the fix:\n{text}"
+                );
+            }
         }
-        let (code, text) = bad.run(&args).await;
-        assert_ne!(
-            code,
-            Some(0),
-            "burrow {args:?} must fail with a wrong password:\n{text}"
-        );
-        assert!(
-            text.contains("***"),
-            "the error should show the redacted URL:\n{text}"
-        );
-        assert_clean(
-            &format!("burrow {args:?} (wrong password)"),
-            &text,
-            &password,
-        );
     }
 
     // Stop the worker (SIGTERM) and search everything it logged.

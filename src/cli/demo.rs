@@ -94,14 +94,30 @@ pub(super) async fn run(
 
     let mut worker = Worker::new(settings.clone(), registry)?.spawn();
     let mut outcomes = worker.outcomes();
-    let result = async {
-        tokio::time::timeout(Duration::from_secs(30), worker.consuming())
-            .await
-            .map_err(|_| Error::ConsumerStopped {
+    match tokio::time::timeout(Duration::from_secs(30), worker.consuming()).await {
+        Ok(Ok(())) => {}
+        // It stopped: its own error says why (a refused login, a mismatch).
+        Ok(Err(_)) => {
+            return Err(worker
+                .join()
+                .await
+                .err()
+                .unwrap_or_else(|| Error::ConsumerStopped {
+                    queue: settings.app_queue(),
+                    reason: "the worker stopped before it started consuming".into(),
+                })
+                .into());
+        }
+        Err(_) => {
+            let _ = worker.shutdown().await;
+            return Err(Error::ConsumerStopped {
                 queue: settings.app_queue(),
                 reason: "the worker did not start consuming within 30 s".into(),
-            })??;
-
+            }
+            .into());
+        }
+    }
+    let result = async {
         let publisher = Publisher::connect(&settings).await?;
         let mut labels = HashMap::new();
         for (i, (event_type, body)) in samples.iter().enumerate() {
