@@ -9,9 +9,12 @@ WORKDIR /build
 ARG BURROW_FEATURES=""
 
 # Dependency layer: build every dependency against stub sources so that it is
-# cached until Cargo.toml or Cargo.lock change. Cargo refuses a manifest whose
-# declared bench or example targets have no file, so those get stubs too.
+# cached until Cargo.toml, Cargo.lock or a patched dependency change. Cargo
+# refuses a manifest whose declared bench or example targets have no file, so
+# those get stubs too. patches/ holds the crates Cargo.toml's
+# [patch.crates-io] points at; without them the locked build fails.
 COPY Cargo.toml Cargo.lock ./
+COPY patches ./patches
 RUN mkdir -p src handlers benches examples \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/pipeline.rs \

@@ -96,6 +96,18 @@ for pair in bench:benches example:examples; do
   done < <(awk -v k="[[${kind}]]" '$0 == k { want = 1; next } want && /^name *=/ { gsub(/.*= *"|".*/, ""); print; want = 0 }' Cargo.toml)
 done
 
+# A [patch.*] entry's path is part of the dependency graph: the dependency
+# layer's `cargo build --locked` fails without it, so it must be copied in
+# before the first cargo build.
+log "Dockerfile copies every [patch] path before the dependency build"
+first_build="$(grep -n 'cargo build' Dockerfile | head -n 1 | cut -d: -f1)"
+[[ -n "$first_build" ]] || die "the Dockerfile runs no cargo build"
+while IFS= read -r path; do
+  top="${path%%/*}"
+  head -n "$first_build" Dockerfile | grep -Eq "^COPY +(.* )?${top}/?( |$)" \
+    || die "Cargo.toml patches a crate from '${path}' but the Dockerfile copies no '${top}' before its first cargo build; add 'COPY ${top} ./${top}' next to Cargo.toml and Cargo.lock"
+done < <(awk '/^\[/ { patch = ($0 ~ /^\[patch\./); next } patch && /path *= *"/ { sub(/.*path *= *"/, ""); sub(/".*/, ""); print }' Cargo.toml)
+
 log "$("${COMPOSE[@]}" version 2>&1 | sed -n 1p)"
 log "${COMPOSE[*]} -f docker-compose.yml config -q"
 "${COMPOSE[@]}" -f docker-compose.yml config -q

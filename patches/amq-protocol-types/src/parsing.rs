@@ -1,3 +1,10 @@
+// Patched for burrow (see PATCH.md next to Cargo.toml): `parse_field_table`
+// and `parse_field_array` count how deep they are nested on this thread and,
+// past `MAX_NESTING_DEPTH`, skip a nested table or array by its length prefix
+// and return it empty instead of recursing, so that no frame can exhaust the
+// parsing thread's stack. Drop this patch once upstream amq-protocol-types
+// (https://github.com/amqp-rs/amq-protocol) bounds its parse depth.
+
 use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
@@ -10,7 +17,7 @@ use nom::{
     },
     sequence::pair,
 };
-use std::{error, fmt};
+use std::{cell::Cell, error, fmt};
 use traits::*;
 
 /// Error context for `ParserErrors`
@@ -242,8 +249,66 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
     .parse(i)
 }
 
+/// How many field tables and arrays [`parse_field_table`] and
+/// [`parse_field_array`] parse nested in one another, the outermost counted
+/// as 1. One nested deeper is skipped by its length prefix and comes back
+/// empty: its bytes are consumed, not parsed.
+///
+/// Parsing recurses once per level, with a few KiB of stack each (more in
+/// a debug build). A 128 KiB frame can nest 26,000 levels, far more than a
+/// 2 MiB thread stack holds; 32 levels fit in a fraction of it even in a
+/// debug build. Real headers nest a few levels (RabbitMQ's `x-death` is an
+/// array of tables holding arrays).
+pub const MAX_NESTING_DEPTH: usize = 32;
+
+thread_local! {
+    /// How many tables and arrays the parse running on this thread is inside.
+    static NESTING_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// One level of table or array nesting, left on every exit path (errors,
+/// `Incomplete`, unwinding) when dropped.
+struct Nesting {
+    too_deep: bool,
+}
+
+impl Nesting {
+    fn enter() -> Self {
+        let depth = NESTING_DEPTH.with(|d| {
+            let depth = d.get() + 1;
+            d.set(depth);
+            depth
+        });
+        Self {
+            too_deep: depth > MAX_NESTING_DEPTH,
+        }
+    }
+}
+
+impl Drop for Nesting {
+    fn drop(&mut self) {
+        NESTING_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Consumes a length-prefixed table or array without parsing it.
+fn skip_long_bytes<I: ParsableInput>(i: I) -> ParserResult<I, ()> {
+    map(flat_map(parse_long_uint, take), |_| ()).parse(i)
+}
+
 /// Parse a [FieldArray](../type.FieldArray.html)
+///
+/// Nested deeper than [`MAX_NESTING_DEPTH`], the array is skipped and comes
+/// back empty.
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    let nesting = Nesting::enter();
+    if nesting.too_deep {
+        return context(
+            "parse_field_array",
+            map(skip_long_bytes, |()| FieldArray::default()),
+        )
+        .parse(i);
+    }
     context(
         "parse_field_array",
         map_parser(
@@ -267,7 +332,18 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 }
 
 /// Parse a [FieldTable](../type.FieldTable.html)
+///
+/// Nested deeper than [`MAX_NESTING_DEPTH`], the table is skipped and comes
+/// back empty.
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    let nesting = Nesting::enter();
+    if nesting.too_deep {
+        return context(
+            "parse_field_table",
+            map(skip_long_bytes, |()| FieldTable::default()),
+        )
+        .parse(i);
+    }
     context(
         "parse_field_table",
         map_parser(
@@ -543,6 +619,179 @@ mod test {
             ),
             Ok((EMPTY, table))
         );
+    }
+
+    /// A field array nested `levels` deep (the outermost included, the
+    /// innermost empty), without its type byte.
+    fn nested_arrays(levels: usize) -> Vec<u8> {
+        let mut encoded = Vec::with_capacity(5 * levels);
+        for level in 0..levels {
+            if level > 0 {
+                encoded.push(b'A');
+            }
+            encoded.extend_from_slice(&((5 * (levels - level - 1)) as u32).to_be_bytes());
+        }
+        encoded
+    }
+
+    /// A field table holding `key` whose value is `levels` tables nested in
+    /// one another, the innermost empty, without its type byte.
+    fn nested_tables(levels: usize) -> Vec<u8> {
+        // Each level below the outermost: key "k" (2 bytes), 'F', length.
+        let mut encoded = Vec::with_capacity(7 * levels);
+        for level in 0..levels {
+            if level > 0 {
+                encoded.extend_from_slice(&[1, b'k', b'F']);
+            }
+            encoded.extend_from_slice(&((7 * (levels - level - 1)) as u32).to_be_bytes());
+        }
+        encoded
+    }
+
+    /// How many tables and arrays `value` nests (1 for an empty one), and
+    /// whether the innermost is empty. Iterative, like a careful caller.
+    fn nesting_of(mut value: &AMQPValue) -> (usize, bool) {
+        let mut levels = 0;
+        loop {
+            let next = match value {
+                AMQPValue::FieldArray(a) => a.as_slice().first(),
+                AMQPValue::FieldTable(t) => t.inner().values().next(),
+                _ => return (levels, false),
+            };
+            levels += 1;
+            match next {
+                Some(inner) => value = inner,
+                None => return (levels, true),
+            }
+        }
+    }
+
+    fn encoded_raw(value: &AMQPValue) -> Vec<u8> {
+        let (generated, _) =
+            cookie_factory::r#gen(crate::generation::gen_raw_value(value), Vec::new())
+                .expect("encodes");
+        generated
+    }
+
+    fn depth_now() -> usize {
+        NESTING_DEPTH.with(Cell::get)
+    }
+
+    /// On a thread with `stack` bytes of stack, as lapin's I/O thread.
+    fn on_stack<T: Send + 'static>(stack: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(f)
+            .expect("a thread")
+            .join()
+            .expect("no panic")
+    }
+
+    #[test]
+    fn arrays_nested_100_000_deep_parse_on_a_small_stack_truncated_at_the_limit() {
+        let levels = 100_000;
+        let encoded = nested_arrays(levels);
+        let (nesting, rest, depth_after) = on_stack(2 << 20, move || {
+            let (rest, array) = parse_field_array(encoded.as_slice()).expect("parses");
+            let nesting = nesting_of(&AMQPValue::FieldArray(array));
+            (nesting, rest.len(), depth_now())
+        });
+        assert_eq!(rest, 0, "every byte is consumed");
+        // MAX_NESTING_DEPTH levels parsed, the next one kept empty.
+        assert_eq!(nesting, (MAX_NESTING_DEPTH + 1, true));
+        assert_eq!(depth_after, 0);
+    }
+
+    #[test]
+    fn tables_nested_100_000_deep_in_a_header_table_come_back_truncated() {
+        let levels = 100_000;
+        // A headers table {"x": <levels tables nested>}.
+        let inner = nested_tables(levels);
+        let mut encoded = ((2 + 1 + inner.len()) as u32).to_be_bytes().to_vec();
+        encoded.extend_from_slice(&[1, b'x', b'F']);
+        encoded.extend_from_slice(&inner);
+        encoded.push(b'V'); // what follows the table is left alone
+        let (nesting, rest) = on_stack(2 << 20, move || {
+            let (rest, table) = parse_field_table(encoded.as_slice()).expect("parses");
+            (nesting_of(&AMQPValue::FieldTable(table)), rest.to_vec())
+        });
+        assert_eq!(rest, b"V");
+        assert_eq!(nesting, (MAX_NESTING_DEPTH + 1, true));
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_parsed_whole_and_round_trips() {
+        let encoded = nested_arrays(MAX_NESTING_DEPTH);
+        let (rest, array) = parse_field_array(encoded.as_slice()).expect("parses");
+        assert!(rest.is_empty());
+        let value = AMQPValue::FieldArray(array);
+        assert_eq!(nesting_of(&value), (MAX_NESTING_DEPTH, true));
+        let generated = encoded_raw(&value);
+        assert_eq!(generated, encoded);
+    }
+
+    #[test]
+    fn a_truncated_value_encodes_to_what_it_was_parsed_as() {
+        let encoded = nested_arrays(1_000);
+        let (_, array) = parse_field_array(encoded.as_slice()).expect("parses");
+        let value = AMQPValue::FieldArray(array);
+        let generated = encoded_raw(&value);
+        assert_eq!(generated, nested_arrays(MAX_NESTING_DEPTH + 1));
+    }
+
+    #[test]
+    fn the_depth_is_left_on_incomplete_input_and_errors() {
+        let encoded = nested_arrays(1_000);
+        // Cut in the middle, past the limit: nom's streaming Incomplete.
+        let cut = &encoded[..encoded.len() / 2];
+        assert!(matches!(
+            parse_field_array(cut),
+            Err(nom::Err::Incomplete(_))
+        ));
+        assert_eq!(depth_now(), 0);
+        // Cut above the limit.
+        assert!(matches!(
+            parse_field_array(&encoded[..5 * (MAX_NESTING_DEPTH / 2)]),
+            Err(nom::Err::Incomplete(_))
+        ));
+        assert_eq!(depth_now(), 0);
+        // An unknown type byte inside the nesting: an error.
+        let mut bad = nested_arrays(4);
+        bad[4] = b'?';
+        assert!(matches!(
+            parse_field_array(bad.as_slice()),
+            Err(nom::Err::Error(_))
+        ));
+        assert_eq!(depth_now(), 0);
+        // The thread parses normally afterwards.
+        let (_, array) = parse_field_array(encoded.as_slice()).expect("parses");
+        assert_eq!(
+            nesting_of(&AMQPValue::FieldArray(array)),
+            (MAX_NESTING_DEPTH + 1, true)
+        );
+    }
+
+    #[test]
+    fn tables_and_arrays_count_toward_one_limit() {
+        // Arrays and tables alternating, as a header could mix them; built
+        // innermost first, each level wrapping the previous one's bytes.
+        let mut value = b"A\0\0\0\0".to_vec();
+        for level in 1..2_000 {
+            let mut outer = Vec::with_capacity(value.len() + 7);
+            if level % 2 == 1 {
+                outer.push(b'F');
+                outer.extend_from_slice(&((2 + value.len()) as u32).to_be_bytes());
+                outer.extend_from_slice(&[1, b'k']);
+            } else {
+                outer.push(b'A');
+                outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            }
+            outer.extend_from_slice(&value);
+            value = outer;
+        }
+        let (rest, value) = parse_value(value.as_slice()).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(nesting_of(&value), (MAX_NESTING_DEPTH + 1, true));
     }
 
     #[test]
