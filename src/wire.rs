@@ -61,6 +61,10 @@ pub struct HeaderBudget {
 
 impl HeaderBudget {
     /// The default nesting limit: RabbitMQ's own `x-death` nests three deep.
+    /// It stays below the AMQP parser's own limit (32 levels, from
+    /// `patches/amq-protocol-types`), past which nested tables and arrays
+    /// arrive empty: a header cut there is still deeper than this, so it is
+    /// still dead-lettered.
     pub const MAX_DEPTH: usize = 16;
 
     /// A budget of `max_bytes` with the default depth.
@@ -186,69 +190,6 @@ const BROKER_RESERVE: usize = 2048;
 /// send, so the largest content header (properties and headers) a message
 /// can carry (<https://www.rabbitmq.com/docs/configure>, `frame_max`).
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
-
-/// The stack every thread of a burrow process needs so that no message the
-/// broker accepts can overflow it: [`io_stack_bytes`] of RabbitMQ's default
-/// `frame_max` (74 MiB in release builds, 433 MiB in debug builds).
-///
-/// lapin, the AMQP client, parses header tables recursively on its I/O
-/// thread (`lapin-io-loop`), before burrow sees the message, and the parsed
-/// table is dropped recursively on the runtime's worker threads. A header
-/// nested a few thousand levels deep fits in one frame but overflows the
-/// standard library's default 2 MiB thread stack, which aborts the process;
-/// the broker then delivers the message to the next worker, which aborts
-/// too. lapin spawns that thread with the default size, which only the
-/// `RUST_MIN_STACK` environment variable changes, and the standard library
-/// reads it once, when the process spawns its first thread. The `burrow`
-/// binary sets it first thing in `main`. A program embedding burrow (its
-/// own `main`, calling [`crate::cli::main`] or building its own runtime)
-/// must do the same before anything spawns a thread, or start with
-/// `RUST_MIN_STACK` in its environment (a Dockerfile `ENV`); a runtime's
-/// `thread_stack_size` does not reach lapin's thread:
-///
-/// ```no_run
-/// let needed = burrow::wire::MIN_IO_STACK_BYTES;
-/// let set = std::env::var("RUST_MIN_STACK")
-///     .ok()
-///     .and_then(|v| v.parse::<usize>().ok());
-/// if set.is_none_or(|bytes| bytes < needed) {
-///     // SAFETY: no other thread exists yet to read the environment.
-///     unsafe { std::env::set_var("RUST_MIN_STACK", needed.to_string()) };
-/// }
-/// let runtime = tokio::runtime::Runtime::new()?;
-/// # Ok::<(), std::io::Error>(())
-/// ```
-///
-/// The size is reserved address space, not memory: a thread's stack pages
-/// are committed only when touched, so an idle worker's resident memory does
-/// not change. Under strict overcommit (`vm.overcommit_memory = 2`) each
-/// thread's reservation counts against the commit limit.
-pub const MIN_IO_STACK_BYTES: usize = io_stack_bytes(DEFAULT_FRAME_MAX);
-
-/// Stack bytes lapin's parser uses per byte of a content-header frame, at
-/// worst. A field array nested in a field array costs 5 bytes of frame and
-/// 1,920 bytes of stack in a release build (11,456 in a debug build); a table
-/// nested in a table costs 6 bytes and 2,304 (12,818). Measured with lapin
-/// 4.12 (amq-protocol 10.6) and rustc 1.95 by bisecting the deepest header
-/// that parses on threads of 2 and 16 MiB (2 and 64 MiB in debug), then
-/// checked in the `burrow` binary: the deepest header of a 128 KiB frame
-/// (26,206 arrays) aborts it with 43 MiB of stack and is dead-lettered with
-/// 44 MiB (280 and 295 MiB in debug). Dropping the parsed table takes at
-/// most 34 bytes per frame byte (157 in debug), on another thread, so the
-/// parse decides.
-const PARSE_STACK_PER_FRAME_BYTE: usize = if cfg!(debug_assertions) { 2_300 } else { 384 };
-
-/// The stack a thread needs to parse, and drop, the deepest headers a frame
-/// of `frame_max` bytes can carry (the broker's `frame_max`: a publisher
-/// cannot negotiate more), with half as much again as a margin for other
-/// compilers and code generation, on top of the usual 2 MiB. For a broker
-/// configured with a larger `frame_max` than RabbitMQ's default, set
-/// `RUST_MIN_STACK` to this (see [`MIN_IO_STACK_BYTES`]). `frame_max = 0`
-/// (unlimited) cannot be covered.
-pub const fn io_stack_bytes(frame_max: u32) -> usize {
-    let parse = (frame_max as usize).saturating_mul(PARSE_STACK_PER_FRAME_BYTE);
-    (2 << 20) + parse.saturating_add(parse / 2)
-}
 
 /// The encoded size of `value` (its type byte included) and how deep tables
 /// and arrays nest inside it (0 for a scalar). Iterative: a hostile table
@@ -615,11 +556,14 @@ mod tests {
     }
 
     fn encoded(table: &FieldTable) -> usize {
-        let written =
-            lapin::types::generation::gen_field_table::<Vec<u8>>(table)(Vec::new().into())
-                .unwrap()
-                .into_inner();
-        written.0.len()
+        encoded_bytes(table).len()
+    }
+
+    fn encoded_bytes(table: &FieldTable) -> Vec<u8> {
+        lapin::types::generation::gen_field_table::<Vec<u8>>(table)(Vec::new().into())
+            .unwrap()
+            .into_inner()
+            .0
     }
 
     #[test]
@@ -712,32 +656,70 @@ mod tests {
         assert!(!copy.inner().contains_key(headers::DROPPED_HEADERS));
     }
 
-    #[test]
-    fn the_io_stack_parses_and_drops_the_deepest_headers_a_default_frame_carries() {
-        // Field arrays nested in field arrays, 5 bytes a level: as many as
-        // a default frame holds, by hand (lapin's encoder recurses too).
-        let depth = DEFAULT_FRAME_MAX as usize / 5;
-        let mut encoded = Vec::with_capacity(6 + 5 * depth);
-        encoded.extend_from_slice(&((2 + 5 * depth) as u32).to_be_bytes());
+    /// A headers table `{"x": ...}` whose value nests `levels` field arrays
+    /// (`b'A'`, 5 bytes a level) or field tables (`b'F'`, key "k": 7 bytes
+    /// a level), the innermost empty; built by hand because encoding it
+    /// with lapin would recurse once per level.
+    fn deep_headers(kind: u8, levels: usize) -> Vec<u8> {
+        let per_level = if kind == b'A' { 5 } else { 7 };
+        // The outermost level has no key of its own.
+        let value_len = per_level * levels - (per_level - 5);
+        let mut encoded = Vec::with_capacity(6 + value_len);
+        encoded.extend_from_slice(&((2 + value_len) as u32).to_be_bytes());
         encoded.extend_from_slice(&[1, b'x']);
-        for level in 0..depth {
-            encoded.push(b'A');
-            encoded.extend_from_slice(&((5 * (depth - level - 1)) as u32).to_be_bytes());
+        for level in 0..levels {
+            if kind == b'F' && level > 0 {
+                encoded.extend_from_slice(&[1, b'k']);
+            }
+            encoded.push(kind);
+            let inner = per_level * (levels - level - 1);
+            encoded.extend_from_slice(&(inner as u32).to_be_bytes());
         }
-        let nested = std::thread::Builder::new()
-            .stack_size(MIN_IO_STACK_BYTES)
-            .spawn(move || {
-                let (rest, table) =
-                    lapin::types::parsing::parse_field_table(encoded.as_slice()).expect("parses");
-                assert!(rest.is_empty());
-                let nested = value_size(&table.inner()["x"]).1;
-                drop(table);
-                nested
-            })
-            .expect("a thread")
-            .join()
-            .expect("no panic");
-        assert_eq!(nested, depth - 1);
+        encoded
+    }
+
+    #[test]
+    fn the_deepest_headers_a_default_frame_carries_parse_bounded_on_a_small_stack() {
+        // The parser comes from patches/amq-protocol-types: tables and
+        // arrays nested deeper than its limit come back empty.
+        let limit = lapin::types::parsing::MAX_NESTING_DEPTH;
+        assert!(
+            limit > HeaderBudget::MAX_DEPTH + 1,
+            "a header cut at the parse limit must still be over the header budget"
+        );
+        for (kind, per_level) in [(b'A', 5), (b'F', 7)] {
+            let levels = DEFAULT_FRAME_MAX as usize / per_level;
+            let encoded = deep_headers(kind, levels);
+            // A quarter of the 2 MiB lapin's I/O thread and tokio's workers
+            // get by default: parsing, measuring, checking, re-encoding and
+            // dropping what a frame can carry fit with room to spare, in a
+            // debug build too (RELIABILITY.md has the measurements).
+            let (nested, problem, reencoded) = std::thread::Builder::new()
+                .stack_size(512 << 10)
+                .spawn(move || {
+                    let (rest, table) =
+                        lapin::types::parsing::parse_field_table(encoded.as_slice())
+                            .expect("parses");
+                    assert!(rest.is_empty(), "every byte is consumed");
+                    let nested = value_size(&table.inner()["x"]).1;
+                    let problem = HeaderBudget::default().check(&table);
+                    let reencoded = encoded_bytes(&table);
+                    drop(table);
+                    (nested, problem, reencoded)
+                })
+                .expect("a thread")
+                .join()
+                .expect("no stack overflow, no panic");
+            // The headers table is level 1 and "x" level 2: levels 2 to
+            // `limit` are kept, the next is empty, deeper ones are gone.
+            assert_eq!(nested, limit - 1, "kind {}", kind as char);
+            let problem = problem.expect("still too deep for burrow");
+            assert!(
+                problem.contains("header x") && problem.contains("levels deep"),
+                "{problem}"
+            );
+            assert_eq!(reencoded, deep_headers(kind, limit));
+        }
     }
 
     #[test]

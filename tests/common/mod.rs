@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod deep;
 pub mod node;
 pub mod proxy;
 
