@@ -624,8 +624,8 @@ async fn one_huge_header_value_is_dead_lettered_and_dropped_from_the_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_header_tables_are_dead_lettered_as_headers_too_large() {
     let mut fx = Fixture::start("bad-hdr-deep", no_config, no_handlers).await;
-    // Small in bytes, 64 tables deep. (Far deeper tables cannot be tested:
-    // lapin parses frames recursively, see docs/wire-contract.md §7.)
+    // Small in bytes, 64 tables deep; the parser keeps 31 levels of it (the
+    // deepest headers one frame allows: tests/embedded.rs).
     let mut value = AMQPValue::LongInt(1);
     for _ in 0..64 {
         let mut table = FieldTable::default();
@@ -645,7 +645,10 @@ async fn deeply_nested_header_tables_are_dead_lettered_as_headers_too_large() {
             &body,
             DeadReason::HeadersTooLarge,
             &[],
-            "header x-nested nests tables or arrays 64 levels deep; at most 16 are accepted",
+            &format!(
+                "header x-nested nests tables or arrays {} levels deep; at most 16 are accepted",
+                lapin::types::parsing::MAX_NESTING_DEPTH - 1
+            ),
         )
         .await;
     let dropped = assert_cut_to_budget(&dead, 2);

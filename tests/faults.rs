@@ -20,7 +20,7 @@
 //! The scenarios are `#[ignore]`d: they kill processes and brokers and take
 //! minutes. `make faults` runs them (`FAULTS_N`, `FAULTS_KILLS` size them);
 //! RELIABILITY.md records the figures. Scenarios 1, 4 and 6 use the shared
-//! broker with unique names; 2, 3, 5 and 7 start RabbitMQ nodes of their own
+//! broker with unique names; 2, 3, 5, 7 and 8 start RabbitMQ nodes of their own
 //! (`common::node`), never touching the shared one.
 
 mod common;
@@ -561,6 +561,62 @@ async fn s7_cluster_loses_the_queue_leader() {
     let recovery = describe_recoveries(&recoveries(&flow.ledger, &[killed_at]));
     flow.report("7 quorum leader node kill -9 (3 nodes)", &tally, &recovery);
     assert_ne!(new_leader, leader, "a new leader was elected");
+    assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
+    flow.ws.passed();
+}
+
+// ---------------------------------------------------------------------------
+// 8. The broker is down for 40 s: longer than the reconnect cap
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: make faults"]
+async fn s8_broker_down_longer_than_the_reconnect_cap() {
+    let node = Node::start("faults8").await;
+    let mut flow = Flow::new(
+        "s8-broker-down",
+        &node.url(),
+        |config| {
+            // Slow enough that a backlog waits in the app queue through the
+            // outage: the worker must come back to it.
+            config.work_ms = 10;
+            config.concurrency = 2;
+        },
+        |_| Behaviour::Ok,
+    )
+    .await;
+    let down_for = Duration::from_secs(40);
+
+    let mut worker = flow.worker();
+    // The publisher keeps resending what the outage swallowed until its
+    // confirm timeout, longer than the outage.
+    let publishing = flow.publishing(Duration::from_secs(120)).await;
+    let points = fault_points(flow.profile.n, 1);
+    flow.wait_handled(points[0]).await;
+    node.stop_app().await;
+    println!(
+        "broker stopped for {down_for:?} with {} events handled",
+        flow.ledger.handled().len()
+    );
+    // The fault lasts this long; nothing waits on it.
+    tokio::time::sleep(down_for).await;
+    // The broker listens again part way through start_app: recovery counts
+    // from the moment it was asked to start.
+    let restart_at = now();
+    node.start_app().await;
+    let started_in = now() - restart_at;
+
+    let tally = flow.settle(Some(publishing), None).await;
+    flow.stop(&mut worker, Duration::from_secs(60), None).await;
+
+    let after = recoveries(&flow.ledger, &[restart_at]);
+    let recovery = format!(
+        "{} after the broker was started ({}s down, start_app took {}; amqp.reconnect_max_delay 30s)",
+        secs(after[0]),
+        down_for.as_secs(),
+        secs(started_in)
+    );
+    flow.report("8 broker down 40s", &tally, &recovery);
     assert!(tally.lost.is_empty(), "confirmed events lost: {tally:?}");
     flow.ws.passed();
 }
