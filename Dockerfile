@@ -15,9 +15,10 @@ ARG BURROW_FEATURES=""
 # [patch.crates-io] points at; without them the locked build fails.
 COPY Cargo.toml Cargo.lock ./
 COPY patches ./patches
-RUN mkdir -p src handlers benches examples \
+RUN mkdir -p src handlers benches/e2e examples \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/pipeline.rs \
+    && echo 'fn main() {}' > benches/e2e/main.rs \
     && echo 'fn main() {}' > examples/outbox_latency.rs \
     && touch src/lib.rs handlers/mod.rs \
     && cargo build --release --locked --features "$BURROW_FEATURES"

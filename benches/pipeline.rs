@@ -16,9 +16,10 @@
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use burrow::{
-    Context, DomainEvent, HandlerError, Pipeline, Registry, RetryLadder, Settlement,
-    ack::AckWindow,
-    wire::{Incoming, headers},
+    Context, DomainEvent, HandlerError, Pipeline, PipelineConfig, Registry, RetryLadder,
+    Settlement,
+    consumer::AckWindow,
+    wire::{HeaderBudget, Incoming, headers},
 };
 use chrono::{DateTime, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -130,12 +131,15 @@ fn pipeline(mode: Mode) -> Pipeline {
         .unwrap();
     Pipeline::new(
         Arc::new(registry),
-        RetryLadder::new(
-            APP_QUEUE,
-            &[Duration::from_secs(1), Duration::from_secs(10)],
-        ),
-        Duration::from_secs(30),
-        1024 * 1024,
+        PipelineConfig {
+            ladder: RetryLadder::new(
+                APP_QUEUE,
+                &[Duration::from_secs(1), Duration::from_secs(10)],
+            ),
+            handler_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            header_budget: HeaderBudget::default(),
+        },
     )
 }
 
@@ -274,7 +278,7 @@ fn bench_process(c: &mut Criterion) {
 fn bench_ack_window(c: &mut Criterion) {
     const WINDOW: u64 = 64;
     let now = tokio::time::Instant::now();
-    let hold = burrow::ack::HOLD;
+    let hold = burrow::consumer::ACK_HOLD;
     let mut g = c.benchmark_group("ack_window");
     // Settled in order, flushed once: one batch of 64.
     g.bench_function("64_in_order", |b| {

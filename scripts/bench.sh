@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make bench`: the end-to-end benchmark against the broker (burrow vs a
-# hand-written lapin loop, see examples/bench_e2e.rs), then the criterion
+# hand-written lapin loop, see benches/e2e/main.rs), then the criterion
 # micro-benchmarks of the consumer's hot path (benches/pipeline.rs).
 #
-# Environment (all optional; see examples/bench_e2e.rs for the full list):
+# Environment (all optional; see benches/e2e/main.rs for the full list):
 #   AMQP_URL   broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
 #   N          events per run (default 100000; N=20000 for a quick run)
 #   ROUNDS     rounds of A B alternation (default 3)
@@ -30,9 +30,9 @@ report="$out_dir/report-$stamp.md"
 
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   echo "==> end-to-end: N=${N:-100000} ROUNDS=${ROUNDS:-3} KINDS=${KINDS:-classic,quorum}" >&2
-  "$CARGO" build "${LOCKED[@]}" --release --example bench_e2e
+  "$CARGO" build "${LOCKED[@]}" --release --bench e2e
   # The binary runs each measured side as a child process of its own.
-  "$CARGO" run "${LOCKED[@]}" --quiet --release --example bench_e2e | tee "$report"
+  "$CARGO" bench "${LOCKED[@]}" --quiet --bench e2e | tee "$report"
   echo "report: $report" >&2
 fi
 

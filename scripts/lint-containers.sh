@@ -90,10 +90,19 @@ log "hadolint Dockerfile"
 log "Dockerfile stubs every target declared in Cargo.toml"
 for pair in bench:benches example:examples; do
   kind="${pair%%:*}" dir="${pair#*:}"
-  while IFS= read -r name; do
-    grep -q "> ${dir}/${name}.rs" Dockerfile \
-      || die "Cargo.toml declares the ${kind} '${name}' but the Dockerfile's dependency layer has no stub for ${dir}/${name}.rs; add it next to the other stubs"
-  done < <(awk -v k="[[${kind}]]" '$0 == k { want = 1; next } want && /^name *=/ { gsub(/.*= *"|".*/, ""); print; want = 0 }' Cargo.toml)
+  # One line per target: its name, and its file (an explicit `path`, else
+  # <dir>/<name>.rs).
+  while read -r name path; do
+    [[ -n "$name" ]] || continue
+    file="${path:-${dir}/${name}.rs}"
+    grep -qF "> ${file}" Dockerfile \
+      || die "Cargo.toml declares the ${kind} '${name}' but the Dockerfile's dependency layer has no stub for ${file}; add it next to the other stubs"
+  done < <(awk -v k="[[${kind}]]" '
+    function flush() { if (name != "") print name, path; name = ""; path = "" }
+    /^\[/ { flush(); want = ($0 == k); next }
+    want && /^name *=/ { v = $0; gsub(/.*= *"|".*/, "", v); name = v }
+    want && /^path *=/ { v = $0; gsub(/.*= *"|".*/, "", v); path = v }
+    END { flush() }' Cargo.toml)
 done
 
 # A [patch.*] entry's path is part of the dependency graph: the dependency

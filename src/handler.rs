@@ -196,14 +196,25 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Whether the ladder should try this handler again.
+    /// Whether the ladder should try this handler again: `None` from
+    /// [`Failure::dead_reason`].
     pub fn is_retryable(&self) -> bool {
+        self.dead_reason().is_none()
+    }
+
+    /// The verdict on this failure, one `match` for both questions: `None`
+    /// when the ladder tries the handler again, else why the message is
+    /// dead-lettered at once.
+    pub fn dead_reason(&self) -> Option<crate::wire::DeadReason> {
+        use crate::wire::DeadReason;
         match self {
-            Failure::Handler(e) => e.is_retryable(),
-            Failure::Undecodable(_) => false,
-            Failure::Panicked(_) => true,
-            Failure::TimedOut(_) => true,
-            Failure::UnknownHandler => false,
+            Failure::Handler(HandlerError::Transient(_)) => None,
+            Failure::Handler(HandlerError::Permanent(_)) => Some(DeadReason::Permanent),
+            Failure::Undecodable(_) => Some(DeadReason::Undecodable),
+            // A panic or a timeout may be the moment, not the message.
+            Failure::Panicked(_) => None,
+            Failure::TimedOut(_) => None,
+            Failure::UnknownHandler => Some(DeadReason::UnknownHandler),
         }
     }
 }

@@ -82,7 +82,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod ack;
 pub mod backoff;
 pub mod cli;
 pub mod config;
@@ -93,14 +92,13 @@ pub mod error;
 pub mod event;
 pub mod handler;
 pub mod http;
-#[cfg(feature = "postgres")]
-pub mod inbox;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
 #[cfg(feature = "postgres")]
-pub mod outbox;
-pub mod pipeline;
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::{inbox, outbox};
 pub mod publisher;
 pub mod redact;
 pub mod retry;
@@ -111,12 +109,15 @@ pub mod verify;
 pub mod wire;
 
 pub use config::Settings;
-pub use consumer::{Outcome, RunReport, Worker, WorkerHandle, WorkerState};
+pub use consumer::{
+    DeadLettered, Outcome, Pipeline, PipelineConfig, Retried, RunReport, Settlement, Worker,
+    WorkerHandle, WorkerState,
+};
 pub use error::{Error, Result};
 pub use event::{DomainEvent, EventMeta};
 pub use handler::{BoxError, Context, Failure, Handler, HandlerError, Registry, ResultExt};
 pub use metrics::Metrics;
-pub use pipeline::{DeadReason, Pipeline, Settlement};
 pub use publisher::Publisher;
 pub use retry::RetryLadder;
 pub use topology::Topology;
+pub use wire::DeadReason;

@@ -24,7 +24,7 @@ use deadpool::managed::{self, RecycleError, RecycleResult};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::{AMQPValue, FieldTable, ShortString},
+    types::FieldTable,
 };
 use tokio::sync::{Mutex, Semaphore};
 
@@ -34,7 +34,7 @@ use crate::{
     error::{Error, Result},
     event::{DomainEvent, EventMeta},
     metrics::{Metrics, PublishOutcome},
-    wire::{headers, long_string, short_string},
+    wire::{self, short_string},
 };
 
 /// A cheap-to-clone handle to the confirmed publisher.
@@ -393,26 +393,21 @@ impl Publisher {
         let message_id = meta
             .message_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let correlation_id = meta.correlation_id.unwrap_or_else(|| message_id.clone());
-        let mut table = FieldTable::default();
-        table.insert(
-            headers::EVENT_VERSION.into(),
-            AMQPValue::LongLongInt(i64::from(version)),
-        );
-        if let Some(causation) = &meta.causation_id {
-            table.insert(headers::CAUSATION_ID.into(), long_string(causation));
-        }
+        let correlation_id = meta.correlation_id.as_deref().unwrap_or(&message_id);
+        #[cfg_attr(not(feature = "otel"), allow(unused_mut))]
+        let mut extra = FieldTable::default();
         #[cfg(feature = "otel")]
-        crate::otel::inject(&mut table);
-        Ok(BasicProperties::default()
-            .with_message_id(short_string("message id", &message_id)?)
-            .with_correlation_id(short_string("correlation id", &correlation_id)?)
-            .with_timestamp(timestamp)
-            .with_type(short_string("event type", event_type)?)
-            .with_content_type(ShortString::from("application/json"))
-            .with_app_id(short_string("app id", &self.inner.app_id)?)
-            .with_delivery_mode(2)
-            .with_headers(table))
+        crate::otel::inject(&mut extra);
+        wire::event_properties(wire::NewEvent {
+            event_type,
+            version: i64::from(version),
+            occurred_at: timestamp,
+            message_id: &message_id,
+            correlation_id,
+            causation_id: meta.causation_id.as_deref(),
+            app_id: &self.inner.app_id,
+            extra,
+        })
     }
 
     /// Waits (up to the confirm timeout) for in-flight publishes to be

@@ -13,8 +13,8 @@
 mod common;
 
 use burrow::{
-    Context, DeadReason, DomainEvent, EventMeta, Handler, HandlerError, Outcome, Publisher,
-    Registry, Settings,
+    Context, DeadLettered, DeadReason, DomainEvent, EventMeta, Handler, HandlerError, Outcome,
+    Publisher, Registry, Settings,
     wire::{HeaderBudget, table_size},
 };
 use chrono::{DateTime, Utc};
@@ -114,7 +114,13 @@ impl Fixture {
         let outcome = next_outcome(&mut self.outcomes).await;
         assert_eq!(outcome.message_id, id);
         assert_eq!(outcome.attempt, 1);
-        assert_eq!(outcome.dead_lettered, Some((reason, handlers.clone())));
+        assert_eq!(
+            outcome.dead_lettered,
+            Some(DeadLettered {
+                reason,
+                handlers: handlers.clone()
+            })
+        );
         assert_eq!(outcome.retried, None, "bad input is never retried");
         assert!(outcome.succeeded.is_empty(), "{outcome:?}");
         assert!(

@@ -2,7 +2,7 @@
 
 mod common;
 
-use burrow::{DeadReason, EventMeta, HandlerError, Registry};
+use burrow::{DeadLettered, DeadReason, EventMeta, HandlerError, Registry, Retried};
 use common::*;
 use lapin::BasicProperties;
 
@@ -44,7 +44,10 @@ async fn a_permanent_error_dead_letters_with_headers_and_the_original_body() {
     assert_eq!(outcome.retried, None, "a permanent error is not retried");
     assert_eq!(
         outcome.dead_lettered,
-        Some((DeadReason::Permanent, names(&["library.attach_card"])))
+        Some(DeadLettered {
+            reason: DeadReason::Permanent,
+            handlers: names(&["library.attach_card"])
+        })
     );
     assert!(outcome.acked);
 
@@ -144,19 +147,36 @@ async fn exhausting_the_ladder_dead_letters_with_reason_attempts_exhausted() {
     let o1 = next_outcome(&mut outcomes).await;
     assert_eq!(
         (o1.attempt, o1.retried.clone(), o1.dead_lettered.clone()),
-        (1, Some((1, names(&["search.index_card"]))), None)
+        (
+            1,
+            Some(Retried {
+                step: 1,
+                handlers: names(&["search.index_card"])
+            }),
+            None
+        )
     );
     let o2 = next_outcome(&mut outcomes).await;
     assert_eq!(
         (o2.attempt, o2.retried.clone(), o2.dead_lettered.clone()),
-        (2, Some((2, names(&["search.index_card"]))), None)
+        (
+            2,
+            Some(Retried {
+                step: 2,
+                handlers: names(&["search.index_card"])
+            }),
+            None
+        )
     );
     let o3 = next_outcome(&mut outcomes).await;
     assert_eq!(o3.attempt, 3);
     assert_eq!(o3.retried, None, "the ladder has two steps");
     assert_eq!(
         o3.dead_lettered,
-        Some((DeadReason::AttemptsExhausted, names(&["search.index_card"])))
+        Some(DeadLettered {
+            reason: DeadReason::AttemptsExhausted,
+            handlers: names(&["search.index_card"])
+        })
     );
     assert!(o3.acked);
 
@@ -239,7 +259,10 @@ async fn malformed_json_is_dead_lettered_as_undecodable_and_the_worker_continues
     );
     assert_eq!(
         outcome.dead_lettered,
-        Some((DeadReason::Undecodable, names(&["library.record_card"])))
+        Some(DeadLettered {
+            reason: DeadReason::Undecodable,
+            handlers: names(&["library.record_card"])
+        })
     );
     assert!(outcome.succeeded.is_empty());
     assert!(outcome.acked);
@@ -309,10 +332,19 @@ async fn permanent_and_transient_failures_split_into_a_dead_letter_and_a_retry()
     let first = next_outcome(&mut outcomes).await;
     assert_eq!(first.attempt, 1);
     assert!(first.succeeded.is_empty());
-    assert_eq!(first.retried, Some((1, names(&["search.index_card"]))));
+    assert_eq!(
+        first.retried,
+        Some(Retried {
+            step: 1,
+            handlers: names(&["search.index_card"])
+        })
+    );
     assert_eq!(
         first.dead_lettered,
-        Some((DeadReason::Permanent, names(&["library.attach_card"])))
+        Some(DeadLettered {
+            reason: DeadReason::Permanent,
+            handlers: names(&["library.attach_card"])
+        })
     );
     assert!(first.acked);
 

@@ -16,8 +16,8 @@ use std::{
 };
 
 use burrow::{
-    Context, DeadReason, DomainEvent, EventMeta, HandlerError, Outcome, Publisher, Registry,
-    Settings, Topology, Worker, WorkerHandle,
+    Context, DeadLettered, DeadReason, DomainEvent, EventMeta, HandlerError, Outcome, Publisher,
+    Registry, Settings, Topology, Worker, WorkerHandle,
     config::AmqpUrl,
     dlq::{self, ReplayFilter, ReplayReport},
 };
@@ -353,7 +353,7 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
     for _ in 0..2 {
         let o = next_outcome(&mut outcomes).await;
         assert_eq!(
-            o.dead_lettered.as_ref().map(|d| d.0),
+            o.dead_lettered.as_ref().map(|d| d.reason),
             Some(DeadReason::Permanent)
         );
         assert!(o.acked, "acked only after the dead letter was confirmed");
@@ -627,10 +627,10 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     assert_eq!(first.succeeded, vec!["search.index_card".to_owned()]);
     assert_eq!(
         first.dead_lettered,
-        Some((
-            DeadReason::Permanent,
-            vec!["library.attach_card".to_owned()]
-        ))
+        Some(DeadLettered {
+            reason: DeadReason::Permanent,
+            handlers: vec!["library.attach_card".to_owned()]
+        })
     );
     assert!(first.acked);
     assert_eq!(

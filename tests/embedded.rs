@@ -8,7 +8,7 @@
 
 mod common;
 
-use burrow::{DeadReason, DomainEvent, EventMeta, HandlerError, Registry};
+use burrow::{DeadLettered, DeadReason, DomainEvent, EventMeta, HandlerError, Registry};
 use common::{deep, *};
 
 /// The handler the test registers; it records what it handled.
@@ -61,7 +61,10 @@ async fn headers_nested_as_deep_as_one_frame_allows_are_dead_lettered_by_an_embe
     assert_eq!(outcome.message_id, deep_id);
     assert_eq!(
         outcome.dead_lettered,
-        Some((DeadReason::HeadersTooLarge, Vec::new()))
+        Some(DeadLettered {
+            reason: DeadReason::HeadersTooLarge,
+            handlers: Vec::new()
+        })
     );
     assert!(
         outcome.acked,

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use burrow::{HandlerError, Registry};
+use burrow::{HandlerError, Registry, Retried};
 use common::*;
 
 fn names(names: &[&str]) -> Vec<String> {
@@ -54,7 +54,13 @@ async fn transient_failures_climb_the_ladder_then_succeed() {
 
     let first = next_outcome(&mut outcomes).await;
     assert_eq!(first.attempt, 1);
-    assert_eq!(first.retried, Some((1, names(&["billing.charge"]))));
+    assert_eq!(
+        first.retried,
+        Some(Retried {
+            step: 1,
+            handlers: names(&["billing.charge"])
+        })
+    );
     assert!(first.succeeded.is_empty());
     assert_eq!(first.dead_lettered, None);
     assert!(first.acked);
@@ -65,7 +71,13 @@ async fn transient_failures_climb_the_ladder_then_succeed() {
         "the retry is the same message"
     );
     assert_eq!(second.attempt, 2);
-    assert_eq!(second.retried, Some((2, names(&["billing.charge"]))));
+    assert_eq!(
+        second.retried,
+        Some(Retried {
+            step: 2,
+            handlers: names(&["billing.charge"])
+        })
+    );
     assert_eq!(second.dead_lettered, None);
 
     let third = next_outcome(&mut outcomes).await;
@@ -135,7 +147,13 @@ async fn a_retry_in_one_app_is_not_delivered_to_another() {
     let a1 = next_outcome(&mut out_a).await;
     assert_eq!(
         (a1.attempt, a1.retried.clone()),
-        (1, Some((1, names(&["search.index_card"]))))
+        (
+            1,
+            Some(Retried {
+                step: 1,
+                handlers: names(&["search.index_card"])
+            })
+        )
     );
     let a2 = next_outcome(&mut out_a).await;
     assert_eq!(a2.message_id, a1.message_id);
@@ -211,7 +229,13 @@ async fn a_retry_runs_only_the_handler_that_failed() {
     let first = next_outcome(&mut outcomes).await;
     assert_eq!(first.attempt, 1);
     assert_eq!(first.succeeded, names(&["search.index_card"]));
-    assert_eq!(first.retried, Some((1, names(&["mail.notify_owner"]))));
+    assert_eq!(
+        first.retried,
+        Some(Retried {
+            step: 1,
+            handlers: names(&["mail.notify_owner"])
+        })
+    );
 
     let second = next_outcome(&mut outcomes).await;
     assert_eq!(second.attempt, 2);
@@ -262,7 +286,10 @@ async fn a_panicking_handler_is_retried_and_the_worker_keeps_running() {
     assert_eq!(first.attempt, 1);
     assert_eq!(
         first.retried,
-        Some((1, names(&["search.index_card"]))),
+        Some(Retried {
+            step: 1,
+            handlers: names(&["search.index_card"])
+        }),
         "a panic is a transient failure"
     );
     assert_eq!(first.dead_lettered, None);
@@ -312,7 +339,10 @@ async fn a_handler_exceeding_the_timeout_is_retried() {
     assert_eq!(first.attempt, 1);
     assert_eq!(
         first.retried,
-        Some((1, names(&["search.index_card"]))),
+        Some(Retried {
+            step: 1,
+            handlers: names(&["search.index_card"])
+        }),
         "a timeout is a transient failure"
     );
     assert!(
@@ -384,7 +414,13 @@ async fn a_bare_message_keeps_its_derived_id_through_a_retry() {
     assert_eq!(second.event, event);
 
     let o1 = next_outcome(&mut outcomes).await;
-    assert_eq!(o1.retried, Some((1, names(&["library.record_card"]))));
+    assert_eq!(
+        o1.retried,
+        Some(Retried {
+            step: 1,
+            handlers: names(&["library.record_card"])
+        })
+    );
     let o2 = next_outcome(&mut outcomes).await;
     assert_eq!(o2.message_id, o1.message_id);
     assert_eq!(o2.succeeded, names(&["library.record_card"]));

@@ -11,7 +11,7 @@
 
 use std::{sync::OnceLock, sync::Arc, time::Duration};
 
-use burrow::{DeadReason, DomainEvent, HandlerError, Pipeline, Registry, RetryLadder, Settlement};
+use burrow::{DeadReason, DomainEvent, HandlerError, Pipeline, PipelineConfig, Registry, RetryLadder, Settlement};
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
@@ -51,9 +51,12 @@ fn harness() -> &'static Harness {
             runtime: tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime"),
             pipeline: Pipeline::new(
                 Arc::new(registry),
-                RetryLadder::new("events_fuzz", &[Duration::from_secs(1)]),
-                Duration::from_secs(5),
-                64 * 1024,
+                PipelineConfig {
+                    ladder: RetryLadder::new("events_fuzz", &[Duration::from_secs(1)]),
+                    handler_timeout: Duration::from_secs(5),
+                    max_body_bytes: 64 * 1024,
+                    header_budget: burrow::wire::HeaderBudget::default(),
+                },
             ),
         }
     })

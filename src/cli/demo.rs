@@ -250,13 +250,13 @@ async fn next_outcome(rx: &mut tokio::sync::broadcast::Receiver<Outcome>) -> Res
 }
 
 fn outcome_line(label: &str, o: &Outcome) -> String {
-    if let Some((step, handlers)) = &o.retried {
+    if let Some(crate::Retried { step, handlers }) = &o.retried {
         format!(
             "  retry    {label}: attempt {} failed in {}; retry step {step}",
             o.attempt,
             handlers.join(", ")
         )
-    } else if let Some((reason, handlers)) = &o.dead_lettered {
+    } else if let Some(crate::DeadLettered { reason, handlers }) = &o.dead_lettered {
         let who = if handlers.is_empty() {
             String::new()
         } else {

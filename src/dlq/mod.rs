@@ -43,12 +43,12 @@
 mod browse;
 mod render;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use lapin::{
     BasicProperties,
     message::Delivery,
-    types::{AMQPValue, FieldTable, ShortString},
+    types::{AMQPValue, FieldTable},
 };
 
 use self::browse::{Borrowed, Browse};
@@ -58,14 +58,11 @@ use crate::{
     error::Result,
     publisher::Publisher,
     topic,
-    wire::{self, headers},
+    wire::{
+        self, first_published_routing_key, header_int, header_string, header_strings, headers,
+        x_death_entries,
+    },
 };
-
-/// Header RabbitMQ adds to messages it dead-letters itself (array of tables,
-/// the most recent death first).
-const X_DEATH: &str = "x-death";
-/// Header quorum queues set on redelivered messages; meaningless on a copy.
-const X_DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// One message parked in the dead-letter queue, read leniently: a missing or
 /// mistyped header gives `None` or an empty list, never an error.
@@ -517,118 +514,23 @@ pub async fn purge(
 
 /// The properties of a replayed copy (see [`replay`]).
 fn replay_properties(letter: &DeadLetter, only_handler: Option<&str>) -> BasicProperties {
-    let mut map: BTreeMap<ShortString, AMQPValue> = letter.headers.inner().clone();
-    for name in [
-        headers::DEAD_REASON,
-        headers::FAILED_HANDLER,
-        headers::DEAD_AT,
-        headers::LAST_ERROR,
-        X_DELIVERY_COUNT,
-    ] {
-        map.remove(name);
-    }
-    map.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(1));
-    map.insert(
-        headers::REPLAYS.into(),
-        AMQPValue::LongLongInt(i64::from(letter.replays) + 1),
-    );
     let handlers: Vec<String> = match only_handler {
         Some(h) => vec![h.to_owned()],
         None => letter.handlers.clone(),
     };
-    if handlers.is_empty() {
-        map.remove(headers::HANDLERS);
-    } else {
-        map.insert(headers::HANDLERS.into(), wire::string_array(&handlers));
-    }
-    if !map.contains_key(headers::EVENT_TYPE) && !letter.event_type.is_empty() {
-        map.insert(
-            headers::EVENT_TYPE.into(),
-            wire::long_string(&letter.event_type),
-        );
-    }
-    letter
-        .properties
-        .clone()
-        .with_message_id(wire::short_string_lossy(&letter.message_id))
-        .with_delivery_mode(2)
-        .with_headers(FieldTable::from(map))
-}
-
-// ---------------------------------------------------------------------------
-// Lenient header reading
-// ---------------------------------------------------------------------------
-
-fn header_string(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-fn header_int(headers: &FieldTable, name: &str) -> Option<i64> {
-    Some(match headers.inner().get(name)? {
-        AMQPValue::ShortShortInt(n) => i64::from(*n),
-        AMQPValue::ShortShortUInt(n) => i64::from(*n),
-        AMQPValue::ShortInt(n) => i64::from(*n),
-        AMQPValue::ShortUInt(n) => i64::from(*n),
-        AMQPValue::LongInt(n) => i64::from(*n),
-        AMQPValue::LongUInt(n) => i64::from(*n),
-        AMQPValue::LongLongInt(n) => *n,
-        AMQPValue::Timestamp(n) => i64::try_from(*n).ok()?,
-        _ => return None,
-    })
-}
-
-fn header_strings(headers: &FieldTable, name: &str) -> Vec<String> {
-    match headers.inner().get(name) {
-        Some(AMQPValue::FieldArray(items)) => items
-            .as_slice()
-            .iter()
-            .filter_map(|v| match v {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                AMQPValue::ShortString(s) => Some(s.to_string()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The `x-death` entries, most recent first.
-fn x_death_entries(headers: &FieldTable) -> Vec<&FieldTable> {
-    match headers.inner().get(X_DEATH) {
-        Some(AMQPValue::FieldArray(items)) => items
-            .as_slice()
-            .iter()
-            .filter_map(|v| match v {
-                AMQPValue::FieldTable(t) => Some(t),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The routing key a broker-dead-lettered message was first published with
-/// to a named exchange (the event type), from its oldest `x-death` entry
-/// that names one.
-fn first_published_routing_key(headers: &FieldTable) -> Option<String> {
-    x_death_entries(headers).into_iter().rev().find_map(|d| {
-        let exchange = header_string(d, "exchange")?;
-        if exchange.is_empty() {
-            return None;
-        }
-        header_strings(d, "routing-keys").into_iter().next()
-    })
+    wire::replay_copy(
+        &letter.properties,
+        &letter.message_id,
+        &letter.event_type,
+        letter.replays,
+        &handlers,
+    )
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::wire::X_DEATH;
     use lapin::types::FieldArray;
 
     fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -663,7 +565,17 @@ pub(crate) mod tests {
             ),
             (headers::REPLAYS, AMQPValue::LongLongInt(2)),
             (headers::EVENT_VERSION, AMQPValue::LongLongInt(1)),
-            (X_DELIVERY_COUNT, AMQPValue::LongLongInt(4)),
+            ("x-delivery-count", AMQPValue::LongLongInt(4)),
+            (
+                X_DEATH,
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(table(vec![
+                    ("queue", wire::long_string("events_a")),
+                    ("reason", wire::long_string("delivery_limit")),
+                ]))])),
+            ),
+            ("x-first-death-queue", wire::long_string("events_a")),
+            ("x-first-death-reason", wire::long_string("delivery_limit")),
+            ("x-first-death-exchange", wire::long_string("")),
         ]);
         let props = BasicProperties::default()
             .with_message_id("m-1".into())
@@ -749,7 +661,11 @@ pub(crate) mod tests {
             headers::FAILED_HANDLER,
             headers::DEAD_AT,
             headers::LAST_ERROR,
-            X_DELIVERY_COUNT,
+            "x-delivery-count",
+            X_DEATH,
+            "x-first-death-queue",
+            "x-first-death-reason",
+            "x-first-death-exchange",
         ] {
             assert!(!h.contains_key(gone), "{gone} must be removed");
         }

@@ -10,7 +10,6 @@
 //! ([`Pipeline::process`]).
 
 use std::{
-    fmt,
     panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
@@ -22,67 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    config::Settings,
     handler::{Context, Failure, Registry},
+    metrics::RunOutcome,
     retry::{RetryLadder, RetryStep},
-    wire::{HeaderBudget, Incoming},
+    wire::{DeadReason, HeaderBudget, Incoming},
 };
-
-/// Why a message was dead-lettered; written to the `burrow-dead-reason` header
-/// and used as the `reason` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadReason {
-    /// A handler kept failing transiently until the ladder ran out.
-    AttemptsExhausted,
-    /// A handler returned [`crate::HandlerError::Permanent`].
-    Permanent,
-    /// The body is not JSON, or not the shape the handler's event expects.
-    Undecodable,
-    /// A `burrow-*` header has the wrong type or an impossible value.
-    BadHeaders,
-    /// The body exceeds `consumer.max_body_bytes`.
-    TooLarge,
-    /// The headers table exceeds `consumer.max_header_bytes` encoded, or
-    /// nests tables and arrays deeper than [`HeaderBudget::MAX_DEPTH`].
-    HeadersTooLarge,
-    /// The body has a `content_encoding` burrow does not decode (gzip, ...).
-    UnsupportedEncoding,
-    /// The message names a handler this app does not have (renamed or removed).
-    UnknownHandler,
-}
-
-impl DeadReason {
-    /// Every reason, for creating each `burrow_dead_letters_total` series at start.
-    pub const ALL: [DeadReason; 8] = [
-        DeadReason::AttemptsExhausted,
-        DeadReason::Permanent,
-        DeadReason::Undecodable,
-        DeadReason::BadHeaders,
-        DeadReason::TooLarge,
-        DeadReason::HeadersTooLarge,
-        DeadReason::UnsupportedEncoding,
-        DeadReason::UnknownHandler,
-    ];
-
-    /// The header and label value (`attempts_exhausted`, ...).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DeadReason::AttemptsExhausted => "attempts_exhausted",
-            DeadReason::Permanent => "permanent",
-            DeadReason::Undecodable => "undecodable",
-            DeadReason::BadHeaders => "bad_headers",
-            DeadReason::TooLarge => "too_large",
-            DeadReason::HeadersTooLarge => "headers_too_large",
-            DeadReason::UnsupportedEncoding => "unsupported_encoding",
-            DeadReason::UnknownHandler => "unknown_handler",
-        }
-    }
-}
-
-impl fmt::Display for DeadReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What the top level of a JSON `body` is when it is a JSON value other
 /// than an object (`an array`, `a string`, ...); `None` for an object, and
@@ -185,6 +129,49 @@ pub struct Processed {
     pub settlement: Settlement,
 }
 
+impl Processed {
+    /// How each of [`Processed::runs`] counts in `burrow_handler_runs_total`:
+    /// succeeded, failed into the retry step, or failed into the dead-letter queue.
+    pub fn run_outcomes(&self) -> impl Iterator<Item = RunOutcome> + '_ {
+        let retrying = self.settlement.retry();
+        self.runs.iter().map(move |run| {
+            if run.result.is_ok() {
+                RunOutcome::Ok
+            } else if retrying.is_some_and(|r| r.handlers.iter().any(|h| **h == *run.handler)) {
+                RunOutcome::Retry
+            } else {
+                RunOutcome::Dead
+            }
+        })
+    }
+}
+
+/// The limits a [`Pipeline`] decides with.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Where transient failures go, step by step.
+    pub ladder: RetryLadder,
+    /// A handler running longer fails transiently (`consumer.handler_timeout`).
+    pub handler_timeout: Duration,
+    /// Larger bodies are dead-lettered unread (`consumer.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// How large and deep incoming headers may be, and what copies are fitted
+    /// into (`consumer.max_header_bytes`).
+    pub header_budget: HeaderBudget,
+}
+
+impl PipelineConfig {
+    /// The limits `settings` configure, for its app queue.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            ladder: RetryLadder::new(&settings.app_queue(), &settings.retry.delays),
+            handler_timeout: settings.consumer.handler_timeout,
+            max_body_bytes: settings.consumer.max_body_bytes,
+            header_budget: HeaderBudget::new(settings.consumer.max_header_bytes),
+        }
+    }
+}
+
 /// The decision logic of the consumer.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -196,27 +183,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline over `registry` with the given ladder and limits.
-    pub fn new(
-        registry: Arc<Registry>,
-        ladder: RetryLadder,
-        handler_timeout: Duration,
-        max_body_bytes: usize,
-    ) -> Self {
+    /// A pipeline over `registry` with the given limits.
+    pub fn new(registry: Arc<Registry>, config: PipelineConfig) -> Self {
+        let PipelineConfig {
+            ladder,
+            handler_timeout,
+            max_body_bytes,
+            header_budget,
+        } = config;
         Self {
             registry,
             ladder,
             handler_timeout,
             max_body_bytes,
-            header_budget: HeaderBudget::default(),
+            header_budget,
         }
-    }
-
-    /// Uses `budget` for incoming headers instead of the default
-    /// (64 KiB, [`HeaderBudget::MAX_DEPTH`] levels).
-    pub fn with_header_budget(mut self, budget: HeaderBudget) -> Self {
-        self.header_budget = budget;
-        self
     }
 
     /// The header budget in use; the consumer fits its copies into it.
@@ -424,19 +405,16 @@ impl Pipeline {
         for run in runs {
             let Err(failure) = &run.result else { continue };
             let line = format!("{}: {failure}", run.handler);
-            if failure.is_retryable() {
-                retry_handlers.push(run.handler.to_string());
-                retry_errors.push(line);
-            } else {
-                dead_reason.get_or_insert(match failure {
-                    Failure::Undecodable(_) => DeadReason::Undecodable,
-                    Failure::UnknownHandler => DeadReason::UnknownHandler,
-                    Failure::Handler(_) | Failure::Panicked(_) | Failure::TimedOut(_) => {
-                        DeadReason::Permanent
-                    }
-                });
-                dead_handlers.push(run.handler.to_string());
-                dead_errors.push(line);
+            match failure.dead_reason() {
+                None => {
+                    retry_handlers.push(run.handler.to_string());
+                    retry_errors.push(line);
+                }
+                Some(reason) => {
+                    dead_reason.get_or_insert(reason);
+                    dead_handlers.push(run.handler.to_string());
+                    dead_errors.push(line);
+                }
             }
         }
 
@@ -527,8 +505,15 @@ mod tests {
                 }
             })
             .unwrap();
-        let ladder = RetryLadder::new("q", &vec![Duration::from_secs(1); delays]);
-        Pipeline::new(Arc::new(registry), ladder, Duration::from_millis(50), 1024)
+        Pipeline::new(
+            Arc::new(registry),
+            PipelineConfig {
+                ladder: RetryLadder::new("q", &vec![Duration::from_secs(1); delays]),
+                handler_timeout: Duration::from_millis(50),
+                max_body_bytes: 1024,
+                header_budget: HeaderBudget::default(),
+            },
+        )
     }
 
     async fn run(p: &Pipeline, body: &[u8], headers: FieldTable) -> Processed {
@@ -676,7 +661,8 @@ mod tests {
             DeadReason::BadHeaders
         );
 
-        let p = p.with_header_budget(crate::wire::HeaderBudget::new(256));
+        let mut p = p;
+        p.header_budget = HeaderBudget::new(256);
         let mut h = FieldTable::default();
         h.insert("x-big".into(), crate::wire::long_string(&"x".repeat(300)));
         let out = run(&p, &body("fine"), h).await;
@@ -727,9 +713,12 @@ mod tests {
             .unwrap();
         let p = Pipeline::new(
             Arc::new(registry),
-            RetryLadder::new("q", &[Duration::from_secs(1)]),
-            Duration::from_secs(1),
-            1024,
+            PipelineConfig {
+                ladder: RetryLadder::new("q", &[Duration::from_secs(1)]),
+                handler_timeout: Duration::from_secs(1),
+                max_body_bytes: 1024,
+                header_budget: HeaderBudget::default(),
+            },
         );
         let out = run(&p, &body("x"), FieldTable::default()).await;
         let Settlement::RetryAndDeadLetter(r, d) = &out.settlement else {

@@ -32,7 +32,7 @@ use crate::{
     error::{Error, Result},
     event::DomainEvent,
     handler::{Context, Handler, HandlerError},
-    outbox::db,
+    postgres::outbox::db,
 };
 
 /// Rows deleted per statement by [`Inbox::cleanup`].

@@ -1825,6 +1825,12 @@ fn main() {
         );
         return;
     }
+    // `cargo test --all-targets` runs bench targets too, without `--bench`:
+    // the measurement is minutes of broker load, not a test.
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("benches/e2e measures, it does not test: run it with `make bench`");
+        return;
+    }
 
     let cfg = Config::from_env();
     let body_len = serde_json::to_vec(&event(12_345))

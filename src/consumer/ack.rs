@@ -49,7 +49,7 @@ pub const HOLD: Duration = Duration::from_millis(10);
 /// How long writing one ack frame may take before the settler gives up on
 /// it. A healthy connection writes it in microseconds; an unacked delivery
 /// is redelivered, so giving up early is safe, hanging is not.
-pub const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Slot<P> {
@@ -157,7 +157,7 @@ impl<P> AckWindow<P> {
 
 /// What the acks of a session came to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AckStats {
+pub(super) struct AckStats {
     /// Deliveries acked (the frame was sent).
     pub acked: u64,
     /// `basic.ack` frames sent for them.

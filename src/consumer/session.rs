@@ -1,0 +1,307 @@
+//! One connection's worth of consuming: open it (connect, declare the
+//! topology, set the prefetch, subscribe), hand each delivery to a task that
+//! settles it, and drain when the shutdown signal arrives or the connection
+//! is lost.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection, Consumer,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
+use tracing::{info, warn};
+
+use super::{
+    Worker, WorkerState,
+    ack::Acks,
+    outcome::RunReport,
+    pipeline::{Pipeline, PipelineConfig},
+    settle::Settler,
+};
+use crate::{
+    connection,
+    error::{Error, Result},
+    publisher::Publisher,
+    wire,
+};
+
+/// How a session ended.
+pub(super) enum SessionEnd {
+    /// The shutdown signal arrived and the session drained.
+    Shutdown,
+    /// The connection, channel or consumer was lost (or never opened).
+    Lost {
+        /// What happened.
+        error: Error,
+        /// Whether the session got as far as consuming (resets the backoff).
+        consumed: bool,
+    },
+}
+
+/// How long closing the channel and connections may wait for the broker's
+/// close-ok. A silent broker (a partitioned network) would otherwise hold the
+/// worker until the heartbeat gives up; dropping the connection instead lets
+/// the broker requeue whatever was not acked when it notices.
+pub(super) const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A subscribed consumer on its own connection.
+struct Subscribed {
+    conn: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    tag: String,
+}
+
+impl Worker {
+    /// One session: ends on shutdown (after draining) or when the
+    /// connection, channel or consumer is lost.
+    pub(super) async fn session<F: Future<Output = ()>>(
+        &self,
+        publisher: &Publisher,
+        shutdown: &mut Pin<&mut F>,
+        report: &mut RunReport,
+    ) -> SessionEnd {
+        let mut sub = match self.subscribe().await {
+            Ok(sub) => sub,
+            Err(error) => {
+                return SessionEnd::Lost {
+                    error,
+                    consumed: false,
+                };
+            }
+        };
+        let queue = self.settings.app_queue();
+        info!(queue = %queue, consumer_tag = %sub.tag, handlers = self.registry.len(), "consuming");
+        self.metrics.set_connected(true);
+        self.state.send_replace(WorkerState::Consuming);
+
+        let (acks, timer) = Acks::start(self.outcomes.clone());
+        let settler = Arc::new(Settler::new(
+            &self.settings,
+            acks.clone(),
+            Pipeline::new(
+                self.registry.clone(),
+                PipelineConfig::from_settings(&self.settings),
+            ),
+            publisher.clone(),
+            self.outcomes.clone(),
+            self.metrics.clone(),
+        ));
+        let mut tasks = JoinSet::new();
+        let lost_reason = self
+            .consume(
+                &mut sub.consumer,
+                &acks,
+                &settler,
+                &mut tasks,
+                shutdown,
+                report,
+            )
+            .await;
+        // The whole drain, basic.cancel included, fits in the shutdown timeout.
+        let deadline = Instant::now() + self.settings.consumer.shutdown_timeout;
+        if lost_reason.is_none() {
+            self.cancel(&sub, deadline).await;
+            settler.stop_handlers();
+        }
+        self.drain(&mut tasks, report, deadline).await;
+        // Every task has ended: ack what is ready while the channel is open.
+        acks.finish(timer).await;
+        close(&sub.channel, &sub.conn).await;
+        match lost_reason {
+            None => SessionEnd::Shutdown,
+            Some(reason) => SessionEnd::Lost {
+                error: Error::ConsumerStopped { queue, reason },
+                consumed: true,
+            },
+        }
+    }
+
+    /// Connects, declares the topology, sets the prefetch and subscribes.
+    async fn subscribe(&self) -> Result<Subscribed> {
+        let settings = &self.settings;
+        let conn = connection::open(
+            &settings.amqp,
+            &format!("burrow consumer ({})", settings.app.name),
+        )
+        .await?;
+        let queue = settings.app_queue();
+        let tag = consumer_tag(&settings.app.name);
+        let opened = async {
+            self.topology().declare(&conn).await?;
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| Error::amqp("channel.open (consumer)", e))?;
+            channel
+                .basic_qos(settings.consumer.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| Error::amqp("basic.qos", e))?;
+            let consumer = channel
+                .basic_consume(
+                    wire::short_string("queue name", &queue)?,
+                    wire::short_string("consumer tag", &tag)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::amqp(format!("basic.consume on '{queue}'"), e))?;
+            Ok::<_, Error>((channel, consumer))
+        }
+        .await;
+        match opened {
+            Ok((channel, consumer)) => Ok(Subscribed {
+                conn,
+                channel,
+                consumer,
+                tag,
+            }),
+            Err(e) => {
+                if conn.status().connected() {
+                    let _ = conn.close(200, "start-up failed".into()).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes deliveries until the shutdown signal (`None`) or until the
+    /// consumer ends (`Some(why)`), each settled by a task of its own.
+    async fn consume<F: Future<Output = ()>>(
+        &self,
+        consumer: &mut Consumer,
+        acks: &Acks,
+        settler: &Arc<Settler>,
+        tasks: &mut JoinSet<()>,
+        shutdown: &mut Pin<&mut F>,
+        report: &mut RunReport,
+    ) -> Option<String> {
+        let slots = Arc::new(Semaphore::new(self.settings.consumer.concurrency));
+        loop {
+            // Take a slot first: with every slot busy, deliveries stay in the
+            // prefetch buffer (unacked, owned by the broker) instead of piling
+            // up as tasks.
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return None,
+                slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return None,
+                next = consumer.next() => next,
+            };
+            while let Some(done) = tasks.try_join_next() {
+                report.settled += u64::from(done.is_ok());
+            }
+            match next {
+                Some(Ok(delivery)) => {
+                    // In arrival order, before the task starts: the ack
+                    // window must know every delivery a multiple ack could cover.
+                    acks.received(delivery.delivery_tag);
+                    let settler = settler.clone();
+                    let in_flight = self.metrics.delivery_started();
+                    tasks.spawn(async move {
+                        settler.handle(delivery, in_flight).await;
+                        drop(slot);
+                    });
+                }
+                Some(Err(e)) => return Some(format!("consumer error: {e}")),
+                // basic.cancel from the broker (queue deleted, consumer
+                // timeout) or the channel closed: subscribe again.
+                None => {
+                    return Some(
+                        "the broker cancelled the consumer (queue deleted or channel closed)"
+                            .into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Shutdown: readiness turns 503 and the broker stops sending.
+    async fn cancel(&self, sub: &Subscribed, deadline: Instant) {
+        // Gauges before the state: whoever sees readiness turn 503 also
+        // scrapes `burrow_connected 0`.
+        self.metrics.set_connected(false);
+        self.state.send_replace(WorkerState::Draining);
+        info!("shutting down: no new deliveries; waiting for in-flight handlers");
+        if !sub.channel.status().connected() {
+            return;
+        }
+        let Ok(tag) = wire::short_string("consumer tag", &sub.tag) else {
+            return;
+        };
+        // A broker that went silent never answers; waiting for the heartbeat
+        // to notice (2 × amqp.heartbeat) would outlast a container's
+        // termination grace period.
+        match tokio::time::timeout_at(
+            deadline,
+            sub.channel.basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");
+            }
+            Err(_) => {
+                warn!(
+                    "basic.cancel got no answer within the shutdown timeout; closing the channel returns unstarted deliveries anyway"
+                );
+            }
+        }
+    }
+
+    /// Lets in-flight deliveries settle within `consumer.shutdown_timeout`;
+    /// the tasks still running then are stopped without an ack, and their
+    /// deliveries come back to the queue.
+    async fn drain(&self, tasks: &mut JoinSet<()>, report: &mut RunReport, deadline: Instant) {
+        let timeout = self.settings.consumer.shutdown_timeout;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while let Some(done) = tasks.join_next().await {
+                report.settled += u64::from(done.is_ok());
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let abandoned = tasks.len();
+            tasks.abort_all();
+            // A cancelled task drops its in-flight guard with it.
+            while tasks.join_next().await.is_some() {}
+            report.abandoned += abandoned;
+            warn!(
+                abandoned,
+                timeout = %humantime::format_duration(timeout),
+                "handlers still running at the deadline were stopped without ack; their deliveries will be redelivered"
+            );
+        }
+    }
+}
+
+pub(super) async fn close(channel: &Channel, conn: &Connection) {
+    let closing = async {
+        if channel.status().connected() {
+            let _ = channel.close(200, "worker stopping".into()).await;
+        }
+        if conn.status().connected() {
+            let _ = conn.close(200, "worker stopping".into()).await;
+        }
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        warn!(
+            timeout = %humantime::format_duration(CLOSE_TIMEOUT),
+            "the broker did not answer the close; dropping the connection"
+        );
+    }
+}
+
+fn consumer_tag(app: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let tag = format!("burrow.{app}.{host}.{}.{}", std::process::id(), &id[..8]);
+    tag.chars().take(200).collect()
+}
