@@ -16,10 +16,9 @@
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use burrow::{
-    Context, DomainEvent, HandlerError, Pipeline, PipelineConfig, Registry, RetryLadder,
-    Settlement,
-    consumer::AckWindow,
-    wire::{HeaderBudget, Incoming, headers},
+    Context, DomainEvent, Event, HandlerError, Registry, RetryLadder, Settlement,
+    internals::{AckWindow, HeaderBudget, Incoming, Pipeline, PipelineConfig},
+    wire::headers,
 };
 use chrono::{DateTime, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -45,8 +44,11 @@ struct CardAddedToLibraryEvent {
     sent_at_ns: u64,
 }
 
-impl DomainEvent for CardAddedToLibraryEvent {
+impl Event for CardAddedToLibraryEvent {
     const EVENT_TYPE: &'static str = EVENT_TYPE;
+}
+
+impl DomainEvent for CardAddedToLibraryEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -278,7 +280,7 @@ fn bench_process(c: &mut Criterion) {
 fn bench_ack_window(c: &mut Criterion) {
     const WINDOW: u64 = 64;
     let now = tokio::time::Instant::now();
-    let hold = burrow::consumer::ACK_HOLD;
+    let hold = burrow::internals::ACK_HOLD;
     let mut g = c.benchmark_group("ack_window");
     // Settled in order, flushed once: one batch of 64.
     g.bench_function("64_in_order", |b| {

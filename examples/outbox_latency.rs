@@ -23,7 +23,7 @@ use std::{
 };
 
 use burrow::{
-    DomainEvent, Metrics, Publisher, Settings,
+    DomainEvent, Event, Metrics, Publisher, Settings,
     config::{AmqpUrl, DatabaseUrl},
     outbox::{self, Relay},
 };
@@ -46,8 +46,11 @@ struct CardMoved {
     occurred_at: DateTime<Utc>,
 }
 
-impl DomainEvent for CardMoved {
+impl Event for CardMoved {
     const EVENT_TYPE: &'static str = "CardMovedEvent";
+}
+
+impl DomainEvent for CardMoved {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -241,10 +244,10 @@ async fn main() {
         .expect("migrations");
 
     // The consumer: an exclusive queue bound to everything on the exchange.
-    let conn = burrow::connection::connect(&AmqpUrl::new(amqp_url), 30, "outbox bench")
+    let conn = burrow::internals::connect(&AmqpUrl::new(amqp_url), 30, "outbox bench")
         .await
         .expect("broker");
-    burrow::Topology::declare_exchange(&settings.amqp.exchange, &conn)
+    burrow::internals::declare_exchange(&settings.amqp.exchange, &conn)
         .await
         .expect("exchange");
     let channel = conn.create_channel().await.unwrap();
@@ -344,7 +347,7 @@ async fn main() {
     .execute(&pool)
     .await
     .expect("drop the bench schema");
-    let cleanup = burrow::connection::connect(&settings.amqp.url, 30, "outbox bench cleanup")
+    let cleanup = burrow::internals::connect(&settings.amqp.url, 30, "outbox bench cleanup")
         .await
         .expect("broker");
     let ch = cleanup.create_channel().await.unwrap();

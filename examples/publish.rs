@@ -10,7 +10,7 @@
 //! bound for the event type it fails with `Error::Unroutable` instead of
 //! dropping the event silently.
 
-use burrow::{DomainEvent, EventMeta, Publisher, Settings};
+use burrow::{DomainEvent, Event, EventMeta, Publisher, Settings};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +23,11 @@ struct CollectionCreatedEvent {
     occurred_at: DateTime<Utc>,
 }
 
-impl DomainEvent for CollectionCreatedEvent {
+impl Event for CollectionCreatedEvent {
     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+}
+
+impl DomainEvent for CollectionCreatedEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

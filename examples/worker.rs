@@ -9,7 +9,7 @@
 //!
 //! Stop it with Ctrl-C: in-flight handlers finish, then it exits.
 
-use burrow::{Context, DomainEvent, HandlerError, Registry, Settings, Worker};
+use burrow::{Context, DomainEvent, Event, HandlerError, Registry, Settings, Worker};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,11 @@ struct CollectionCreatedEvent {
     name: String,
 }
 
-impl DomainEvent for CollectionCreatedEvent {
+impl Event for CollectionCreatedEvent {
     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+}
+
+impl DomainEvent for CollectionCreatedEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

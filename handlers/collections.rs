@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use burrow::{Context, DomainEvent, HandlerError, Registry};
+use burrow::{Context, Event, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -25,17 +25,10 @@ pub struct CollectionCreatedEvent {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
-impl DomainEvent for CollectionCreatedEvent {
+impl Event for CollectionCreatedEvent {
     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
-
-    fn aggregate_id(&self) -> String {
-        self.aggregate_id.clone()
-    }
-
-    fn occurred_at(&self) -> DateTime<Utc> {
-        self.occurred_at.unwrap_or_else(Utc::now)
-    }
 }
+
 
 /// Collection id → searchable name. In memory here.
 pub type SearchIndex = Arc<Mutex<BTreeMap<String, String>>>;

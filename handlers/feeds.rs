@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use burrow::{Context, DomainEvent, Handler, HandlerError, Registry};
+use burrow::{Context, Event, Handler, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -27,17 +27,10 @@ pub struct CardAddedToLibraryEvent {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
-impl DomainEvent for CardAddedToLibraryEvent {
+impl Event for CardAddedToLibraryEvent {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
-
-    fn aggregate_id(&self) -> String {
-        self.aggregate_id.clone()
-    }
-
-    fn occurred_at(&self) -> DateTime<Utc> {
-        self.occurred_at.unwrap_or_else(Utc::now)
-    }
 }
+
 
 /// One entry of an activity feed.
 #[derive(Debug, Clone, PartialEq, Eq)]

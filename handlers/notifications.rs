@@ -7,7 +7,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use burrow::{Context, DomainEvent, Handler, HandlerError, Registry};
+use burrow::{Context, Event, Handler, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -24,17 +24,10 @@ pub struct CardAddedToLibraryEvent {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
-impl DomainEvent for CardAddedToLibraryEvent {
+impl Event for CardAddedToLibraryEvent {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
-
-    fn aggregate_id(&self) -> String {
-        self.aggregate_id.clone()
-    }
-
-    fn occurred_at(&self) -> DateTime<Utc> {
-        self.occurred_at.unwrap_or_else(Utc::now)
-    }
 }
+
 
 /// Sends notifications. In memory here, with a switch to simulate an outage.
 #[derive(Debug, Clone, Default)]

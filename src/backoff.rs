@@ -13,16 +13,7 @@ use backon::BackoffBuilder;
 
 /// Delays whose first is below `first` and which double up to below `cap`,
 /// jittered, forever.
-///
-/// ```
-/// use std::time::Duration;
-/// let delays: Vec<Duration> = burrow::backoff::capped(Duration::from_millis(200), Duration::from_secs(30))
-///     .take(50)
-///     .collect();
-/// assert!(delays[0] < Duration::from_millis(200));
-/// assert!(delays.iter().all(|d| *d <= Duration::from_secs(30)));
-/// ```
-pub fn capped(first: Duration, cap: Duration) -> impl Iterator<Item = Duration> + Send {
+pub(crate) fn capped(first: Duration, cap: Duration) -> impl Iterator<Item = Duration> + Send {
     let cap = cap.max(first);
     backon::ExponentialBuilder::default()
         .with_min_delay(first / 2)

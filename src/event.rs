@@ -1,4 +1,5 @@
-//! The [`DomainEvent`] trait: what a type needs to travel through burrow.
+//! The [`Event`] and [`DomainEvent`] traits: what a type needs to be
+//! handled, and to be published.
 //!
 //! An event is a plain serde type whose JSON form is the message body
 //! (camelCase fields, including `aggregateId`), routed on the `domain_events`
@@ -9,10 +10,38 @@
 use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 
-/// A domain event raised by an aggregate.
+/// What a handler needs of an event: its type name and how to decode it.
+///
+/// A consuming module declares its own view of an event, with only the
+/// fields it reads; that view implements `Event`, nothing more.
 ///
 /// ```
-/// use burrow::DomainEvent;
+/// use burrow::Event;
+/// use serde::Deserialize;
+///
+/// #[derive(Debug, Deserialize)]
+/// #[serde(rename_all = "camelCase")]
+/// pub struct CardAddedToLibraryEvent {
+///     pub aggregate_id: String,
+///     pub library_id: String,
+/// }
+///
+/// impl Event for CardAddedToLibraryEvent {
+///     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+/// }
+/// ```
+pub trait Event: DeserializeOwned + Send + 'static {
+    /// The event type name: the routing key on the exchange, the AMQP `type`
+    /// property, and the binding key of handlers that subscribe to it.
+    /// Use the name your other publishers use (`CardAddedToLibraryEvent`).
+    const EVENT_TYPE: &'static str;
+}
+
+/// A domain event an aggregate raises and a publisher sends: an [`Event`]
+/// that also serialises and names its aggregate.
+///
+/// ```
+/// use burrow::{DomainEvent, Event};
 /// use chrono::{DateTime, Utc};
 /// use serde::{Deserialize, Serialize};
 ///
@@ -24,8 +53,11 @@ use serde::{Serialize, de::DeserializeOwned};
 ///     pub occurred_at: DateTime<Utc>,
 /// }
 ///
-/// impl DomainEvent for CollectionCreatedEvent {
+/// impl Event for CollectionCreatedEvent {
 ///     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// }
+///
+/// impl DomainEvent for CollectionCreatedEvent {
 ///     fn aggregate_id(&self) -> String {
 ///         self.aggregate_id.clone()
 ///     }
@@ -34,12 +66,7 @@ use serde::{Serialize, de::DeserializeOwned};
 ///     }
 /// }
 /// ```
-pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The event type name: the routing key on the exchange, the AMQP `type`
-    /// property, and the binding key of handlers that subscribe to it.
-    /// Use the name your other publishers use (`CardAddedToLibraryEvent`).
-    const EVENT_TYPE: &'static str;
-
+pub trait DomainEvent: Event + Serialize + Sync {
     /// The schema version of this event, sent in the `burrow-event-version` header.
     const VERSION: u32 = 1;
 

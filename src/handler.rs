@@ -8,12 +8,12 @@
 
 use std::{collections::HashSet, fmt, future::Future, pin::Pin, sync::Arc};
 
-use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Result},
-    event::DomainEvent,
+    event::Event,
+    message::Headers,
     topic,
 };
 
@@ -93,7 +93,7 @@ pub struct Context {
     /// This delivery's attempt number, from 1.
     pub attempt: u32,
     /// The message headers as received.
-    pub headers: FieldTable,
+    pub headers: Headers,
     /// The running handler's name.
     pub handler: Arc<str>,
     /// Cancelled when the worker starts shutting down; long handlers may
@@ -116,7 +116,7 @@ impl Context {
             causation_id: None,
             event_type: event_type.to_owned(),
             attempt: 1,
-            headers: FieldTable::default(),
+            headers: Headers::default(),
             handler: Arc::from(handler),
             shutdown: CancellationToken::new(),
         }
@@ -130,12 +130,15 @@ impl Context {
 /// client) or subscribe with a topic wildcard.
 ///
 /// ```
-/// use burrow::{Context, DomainEvent, Handler, HandlerError};
+/// use burrow::{Context, DomainEvent, Event, Handler, HandlerError};
 /// # use chrono::{DateTime, Utc};
 /// # #[derive(serde::Serialize, serde::Deserialize)]
 /// # pub struct CollectionCreatedEvent { aggregate_id: String }
-/// # impl DomainEvent for CollectionCreatedEvent {
+/// # impl Event for CollectionCreatedEvent {
 /// #     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// # }
+/// #
+/// # impl DomainEvent for CollectionCreatedEvent {
 /// #     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
 /// #     fn occurred_at(&self) -> DateTime<Utc> { Utc::now() }
 /// # }
@@ -157,7 +160,7 @@ impl Context {
 /// ```
 pub trait Handler: Send + Sync + 'static {
     /// The event this handler decodes.
-    type Event: DomainEvent;
+    type Event: Event;
 
     /// A stable name, unique in the app. It is a contract: it appears in
     /// retry and dead-letter headers (so a retry runs only the handlers that
@@ -295,8 +298,11 @@ impl fmt::Debug for RegisteredHandler {
 /// # use chrono::{DateTime, Utc};
 /// # #[derive(serde::Serialize, serde::Deserialize)]
 /// # pub struct CollectionCreatedEvent { aggregate_id: String }
-/// # impl burrow::DomainEvent for CollectionCreatedEvent {
+/// # impl burrow::Event for CollectionCreatedEvent {
 /// #     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// # }
+/// #
+/// # impl burrow::DomainEvent for CollectionCreatedEvent {
 /// #     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
 /// #     fn occurred_at(&self) -> DateTime<Utc> { Utc::now() }
 /// # }
@@ -344,7 +350,7 @@ impl Registry {
     /// Adds a closure handler for event `E`, subscribed to `E::EVENT_TYPE`.
     pub fn on<E, F, Fut>(&mut self, name: &str, f: F) -> Result<&mut Self>
     where
-        E: DomainEvent,
+        E: Event,
         F: Fn(E, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
@@ -431,7 +437,7 @@ struct FnHandler<E, F> {
 
 impl<E, F, Fut> Handler for FnHandler<E, F>
 where
-    E: DomainEvent,
+    E: Event,
     F: Fn(E, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {

@@ -1,4 +1,4 @@
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![forbid(unsafe_code)]
 //! burrow: guaranteed-delivery domain events on RabbitMQ.
 //!
 //! Services publish domain events (`CardAddedToLibraryEvent`, ...) to a
@@ -13,111 +13,149 @@
 //!
 //! # The path of one delivery
 //!
-//! 1. [`consumer`] receives it from the app queue (manual acks, prefetch).
-//! 2. [`pipeline`] reads its metadata ([`wire`]), picks the handlers it is
-//!    for ([`handler`], [`topic`]), runs them under a timeout and a panic
-//!    guard, and decides one [`Settlement`].
-//! 3. [`consumer`] carries the settlement out: copies go through the
-//!    [`publisher`] (confirm awaited) to a [`retry`] step or the dead-letter
-//!    queue, then the original is acked.
+//! 1. The [`Worker`]'s session (`consumer/session.rs`) receives it from the
+//!    app queue (manual acks, prefetch) and hands it to a task.
+//! 2. The pipeline (`consumer/pipeline.rs`) reads its metadata
+//!    (`wire/read.rs`), picks the handlers it is for ([`Registry`], topic
+//!    patterns), runs them under a timeout and a panic guard, and decides one
+//!    [`Settlement`]. No I/O: [`testing::TestKit`] runs the same code.
+//! 3. The settler (`consumer/settle.rs`) carries the settlement out: copies
+//!    built by `wire/write.rs` go through the [`Publisher`] (confirm awaited)
+//!    to a [`RetryLadder`] step or the dead-letter queue, then the ack window
+//!    (`consumer/ack.rs`) acks the original.
 //!
 //! # Modules
 //!
 //! | module | job |
 //! |---|---|
-//! | [`config`] | settings from `config/*.toml` and `BURROW__*` variables, validated |
-//! | [`error`] | [`Error`], each variant retryable or not |
-//! | [`event`] | the [`DomainEvent`] trait and publish metadata |
-//! | [`wire`] | header names, reading incoming metadata |
-//! | [`topic`] | topic-exchange pattern matching |
-//! | [`topology`] | exchanges, queues and bindings as data; declaring them |
-//! | [`retry`] | the [`RetryLadder`] |
-//! | [`publisher`] | pooled confirm-mode channels, [`Publisher`] |
-//! | [`handler`] | the [`Handler`] trait, closures, the [`Registry`] |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics` |
-//! | [`metrics`] | Prometheus metrics |
-//! | `otel` | W3C trace context through message headers (feature `otel`) |
-//! | [`pipeline`] | delivery → [`Settlement`], no I/O |
-//! | [`consumer`] | the [`Worker`] loop and settlement |
-//! | [`ack`] | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
-//! | [`backoff`] | retry delays that stay under their cap, jitter included |
-//! | [`connection`] | opening connections (heartbeats, timeouts, names) |
+//! | `event` | [`Event`] (what a handler decodes) and [`DomainEvent`] (what a publisher sends) |
+//! | `handler` | the [`Handler`] trait, closures, the [`Registry`], [`Context`] |
+//! | `consumer/` | the [`Worker`]: sessions, pipeline, settlement, acks, [`Outcome`] |
+//! | `publisher` | [`Publisher`]: pooled confirm-mode channels; the [`Publish`] trait |
+//! | [`wire`] | the wire contract: header names, reading, writing, the header budget |
+//! | `topology`, `retry`, `topic`, `verify` | exchanges, queues and bindings as data ([`Topology`], [`RetryLadder`]); comparing them with the broker |
+//! | `message` | [`Headers`], [`MessageProperties`]: a message in burrow's own types |
+//! | [`config`] | [`Settings`] from `config/*.toml` and `BURROW__*` variables, validated |
+//! | `error` | [`Error`], each variant retryable or not |
+//! | `metrics`, [`http`] | [`Metrics`] (Prometheus); `/healthz`, `/readyz`, `/metrics` |
 //! | [`redact`] | keeping passwords out of errors, logs, output and panics |
-//! | [`cli`] | the `burrow` command line |
 //! | [`shutdown`] | the shutdown signal (SIGTERM, SIGINT) |
-//! | [`dlq`] | the dead-letter queue: list, show, replay, purge |
-//! | [`verify`] | comparing the declared topology with the broker |
-//! | `outbox` | transactional outbox on PostgreSQL: enqueue in your transaction, the relay publishes (feature `postgres`, docs/outbox.md) |
-//! | `inbox` | idempotent handlers: side effects once per message, in your transaction (feature `postgres`) |
+//! | [`testing`] | handlers through the real pipeline without a broker; a recording publisher |
+//! | [`dlq`] | the dead-letter queue: list, show, export, replay, purge |
+//! | [`cli`] | the `burrow` command line, for this binary or your own |
+//! | `outbox`, `inbox` | transactional outbox and idempotent inbox on PostgreSQL (feature `postgres`, docs/outbox.md) |
+//! | `connection`, `backoff`, `otel` | opening connections; capped retry delays; W3C trace context (feature `otel`) |
 //!
 //! # A worker in a few lines
 //!
 //! ```no_run
-//! use burrow::{Context, DomainEvent, HandlerError, Registry, Settings, Worker};
-//! use chrono::{DateTime, Utc};
-//! use serde::{Deserialize, Serialize};
+//! use burrow::{Context, Event, HandlerError, Registry, Settings, Worker};
+//! use serde::Deserialize;
 //!
-//! #[derive(Debug, Serialize, Deserialize)]
+//! #[derive(Debug, Deserialize)]
 //! #[serde(rename_all = "camelCase")]
 //! struct CollectionCreatedEvent {
 //!     aggregate_id: String,
 //!     name: String,
-//!     occurred_at: DateTime<Utc>,
 //! }
 //!
-//! impl DomainEvent for CollectionCreatedEvent {
+//! impl Event for CollectionCreatedEvent {
 //!     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
-//!     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
-//!     fn occurred_at(&self) -> DateTime<Utc> { self.occurred_at }
 //! }
 //!
 //! # async fn run() -> burrow::Result<()> {
 //! let mut registry = Registry::new();
 //! registry.on("search.index_collection", |event: CollectionCreatedEvent, _ctx: Context| async move {
 //!     println!("indexing {}", event.name);
-//!     Ok::<_, HandlerError>(())
+//!     Ok::<(), HandlerError>(())
 //! })?;
 //! let worker = Worker::new(Settings::load()?, registry)?;
-//! worker.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+//! worker.run(burrow::shutdown::signal()).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! To get the whole `burrow` command line (run, dlq, topology, drain, ...)
+//! with your own handler modules, see [`cli::App`].
 
-pub mod backoff;
+mod backoff;
 pub mod cli;
 pub mod config;
-pub mod connection;
-pub mod consumer;
+mod connection;
+mod consumer;
 pub mod dlq;
-pub mod error;
-pub mod event;
-pub mod handler;
+mod error;
+mod event;
+mod handler;
 pub mod http;
-pub mod metrics;
+mod message;
+mod metrics;
 #[cfg(feature = "otel")]
-pub mod otel;
+mod otel;
 #[cfg(feature = "postgres")]
 mod postgres;
-#[cfg(feature = "postgres")]
-pub use postgres::{inbox, outbox};
-pub mod publisher;
+mod publisher;
 pub mod redact;
-pub mod retry;
+mod retry;
 pub mod shutdown;
-pub mod topic;
-pub mod topology;
-pub mod verify;
+pub mod testing;
+mod topic;
+mod topology;
+mod verify;
 pub mod wire;
 
 pub use config::Settings;
 pub use consumer::{
-    DeadLettered, Outcome, Pipeline, PipelineConfig, Retried, RunReport, Settlement, Worker,
+    DeadLetterMove, DeadLettered, Outcome, Retried, RetryMove, RunReport, Settlement, Worker,
     WorkerHandle, WorkerState,
 };
 pub use error::{Error, Result};
-pub use event::{DomainEvent, EventMeta};
+pub use event::{DomainEvent, Event, EventMeta};
 pub use handler::{BoxError, Context, Failure, Handler, HandlerError, Registry, ResultExt};
+pub use message::{HeaderValue, Headers, MessageProperties};
 pub use metrics::Metrics;
-pub use publisher::Publisher;
-pub use retry::RetryLadder;
-pub use topology::Topology;
+#[cfg(feature = "otel")]
+pub use otel::install_propagator;
+#[cfg(feature = "postgres")]
+pub use postgres::{inbox, outbox};
+pub use publisher::{OutgoingEvent, Publish, PublishExt, Publisher};
+pub use retry::{RetryLadder, RetryStep};
+pub use topology::{ArgValue, BindingSpec, QueueRole, QueueSpec, Topology};
+pub use verify::Drift;
 pub use wire::DeadReason;
+
+/// burrow's own internals, reachable for its fuzz target, benchmarks and
+/// integration tests only: no part of the API, no stability promise, and
+/// free to use the AMQP client's types.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::{
+        connection::{connect, connect_with_tls, open},
+        consumer::{ACK_HOLD, AckWindow, HandlerRun, Pipeline, PipelineConfig, Processed},
+        dlq::DeadLetter,
+        topology::{declare, declare_exchange},
+        verify::verify,
+        wire::{DEFAULT_FRAME_MAX, HeaderBudget, Incoming, table_size, value_size},
+    };
+
+    /// Reads a dead letter as [`crate::dlq`] does.
+    pub fn read_dead_letter(
+        routing_key: &str,
+        properties: lapin::BasicProperties,
+        body: Vec<u8>,
+    ) -> crate::dlq::DeadLetter {
+        crate::dlq::DeadLetter::read(routing_key, properties, body)
+    }
+
+    /// [`crate::Publisher`]'s raw send: bytes with the given properties.
+    pub async fn send(
+        publisher: &crate::Publisher,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> crate::Result<()> {
+        publisher
+            .send(exchange, routing_key, body, properties)
+            .await
+    }
+}

@@ -115,7 +115,7 @@ impl RunOutcome {
 
 /// How a publish ended, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishOutcome {
+pub(crate) enum PublishOutcome {
     /// Confirmed by the broker.
     Confirmed,
     /// Returned as unroutable.
@@ -128,7 +128,7 @@ pub enum PublishOutcome {
 
 impl PublishOutcome {
     /// Every outcome, for creating the series at start.
-    pub const ALL: [PublishOutcome; 4] = [
+    pub(crate) const ALL: [PublishOutcome; 4] = [
         PublishOutcome::Confirmed,
         PublishOutcome::Returned,
         PublishOutcome::Nacked,
@@ -136,7 +136,7 @@ impl PublishOutcome {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PublishOutcome::Confirmed => "confirmed",
             PublishOutcome::Returned => "returned",
@@ -147,7 +147,7 @@ impl PublishOutcome {
 }
 
 /// The `event` label of anything outside the app's subscribed event types.
-pub const OTHER_EVENT: &str = "other";
+pub(crate) const OTHER_EVENT: &str = "other";
 
 /// What a worker's metrics know at start: the labels of every series to
 /// create at 0, and the only event types that may appear as a label.

@@ -6,7 +6,7 @@
 //! tells us which queue a message came from, not which binding matched.
 
 /// Whether `routing_key` matches the binding `pattern`.
-pub fn matches(pattern: &str, routing_key: &str) -> bool {
+pub(crate) fn matches(pattern: &str, routing_key: &str) -> bool {
     let pattern: Vec<&str> = pattern.split('.').collect();
     let key: Vec<&str> = routing_key.split('.').collect();
     matches_words(&pattern, &key)

@@ -36,7 +36,7 @@ use crate::{
 };
 
 /// Delivery limit of the dead-letter queue: effectively unlimited.
-pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
+pub(crate) const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 
 /// A queue argument value.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -208,7 +208,28 @@ impl Topology {
     /// Declares the exchange, every queue and every binding. Declaring is
     /// idempotent; an entity that exists with other arguments ends in
     /// [`Error::TopologyMismatch`] naming the entity, argument and both values.
-    pub async fn declare(&self, connection: &Connection) -> Result<()> {
+    /// Declares it on the broker `amqp` names, on a connection of its own
+    /// (what `burrow topology apply` does). Idempotent: an entity that
+    /// exists with the same arguments is left alone; one with other
+    /// arguments is [`Error::TopologyMismatch`].
+    pub async fn apply(&self, amqp: &crate::config::AmqpSettings) -> Result<()> {
+        let conn = crate::connection::open(amqp, "burrow topology").await?;
+        let result = self.declare(&conn).await;
+        let _ = conn.close(200, "declared".into()).await;
+        result
+    }
+
+    /// Compares it with the broker `amqp` names without changing anything:
+    /// every difference, or none.
+    pub async fn verify(&self, amqp: &crate::config::AmqpSettings) -> Result<Vec<crate::Drift>> {
+        let conn = crate::connection::open(amqp, "burrow topology verify").await?;
+        let result = crate::verify::verify(self, &conn).await;
+        let _ = conn.close(200, "verified".into()).await;
+        result
+    }
+
+    /// Declares it on `connection`.
+    pub(crate) async fn declare(&self, connection: &Connection) -> Result<()> {
         let channel = connection
             .create_channel()
             .await
@@ -233,7 +254,7 @@ impl Topology {
     }
 
     /// Declares only the exchange (what a publisher needs).
-    pub async fn declare_exchange(exchange: &str, connection: &Connection) -> Result<()> {
+    pub(crate) async fn declare_exchange(exchange: &str, connection: &Connection) -> Result<()> {
         let channel = connection
             .create_channel()
             .await
@@ -453,6 +474,16 @@ impl fmt::Display for Topology {
         }
         Ok(())
     }
+}
+
+/// [`Topology::declare`] on a connection of the caller's (burrow's tests).
+pub async fn declare(topology: &Topology, connection: &Connection) -> Result<()> {
+    topology.declare(connection).await
+}
+
+/// [`Topology::declare_exchange`] on a connection of the caller's (burrow's tests and benchmarks).
+pub async fn declare_exchange(exchange: &str, connection: &Connection) -> Result<()> {
+    Topology::declare_exchange(exchange, connection).await
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@
 mod common;
 
 use burrow::{
-    Context, DeadLettered, DeadReason, DomainEvent, EventMeta, Handler, HandlerError, Outcome,
-    Publisher, Registry, Settings,
+    Context, DeadLettered, DeadReason, DomainEvent, Event, EventMeta, Handler, HandlerError,
+    Outcome, Publisher, Registry, Settings,
     wire::{HeaderBudget, table_size},
 };
 use chrono::{DateTime, Utc};
@@ -446,8 +446,11 @@ struct AnyCardEvent {
     aggregate_id: String,
 }
 
-impl DomainEvent for AnyCardEvent {
+impl Event for AnyCardEvent {
     const EVENT_TYPE: &'static str = "library.card.any";
+}
+
+impl DomainEvent for AnyCardEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

@@ -16,8 +16,8 @@ use std::{
 };
 
 use burrow::{
-    Context, DeadLettered, DeadReason, DomainEvent, EventMeta, HandlerError, Outcome, Publisher,
-    Registry, Settings, Topology, Worker, WorkerHandle,
+    Context, DeadLettered, DeadReason, DomainEvent, Event, EventMeta, HandlerError, Outcome,
+    Publisher, Registry, Settings, Topology, Worker, WorkerHandle,
     config::AmqpUrl,
     dlq::{self, ReplayFilter, ReplayReport},
 };
@@ -72,8 +72,11 @@ impl CardAdded {
     }
 }
 
-impl DomainEvent for CardAdded {
+impl Event for CardAdded {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+}
+
+impl DomainEvent for CardAdded {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -215,7 +218,7 @@ async fn publisher(settings: &Settings) -> Publisher {
 async fn connect(what: &str) -> Connection {
     within(
         "a connection",
-        burrow::connection::connect(
+        burrow::internals::connect(
             &AmqpUrl::new(amqp_url()),
             30,
             &format!("burrow test dlq ({what})"),
@@ -229,7 +232,7 @@ async fn connect(what: &str) -> Connection {
 async fn declare(settings: &Settings, conn: &Connection) {
     within(
         "topology declare",
-        Topology::for_app(settings, &Registry::new()).declare(conn),
+        burrow::internals::declare(&Topology::for_app(settings, &Registry::new()), conn),
     )
     .await
     .expect("topology declared");
@@ -739,11 +742,8 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     assert!(second.acked);
     let ctx = within("the replayed run", contexts.recv()).await.unwrap();
     assert_eq!(ctx.message_id, id);
-    assert_eq!(
-        ctx.headers.inner().get("burrow-replays"),
-        Some(&AMQPValue::LongLongInt(1))
-    );
-    assert!(!ctx.headers.contains_key("burrow-dead-reason"));
+    assert_eq!(ctx.headers.get_i64("burrow-replays"), Some(1));
+    assert!(!ctx.headers.contains("burrow-dead-reason"));
 
     assert_eq!(attach_runs.load(Ordering::SeqCst), 2);
     assert_eq!(

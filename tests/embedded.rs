@@ -8,7 +8,7 @@
 
 mod common;
 
-use burrow::{DeadLettered, DeadReason, DomainEvent, EventMeta, HandlerError, Registry};
+use burrow::{DeadLettered, DeadReason, Event, EventMeta, HandlerError, Registry};
 use common::{deep, *};
 
 /// The handler the test registers; it records what it handled.

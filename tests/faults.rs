@@ -25,10 +25,14 @@
 
 mod common;
 
+// The scenario modules share `pub` helpers within this test binary.
+#[allow(unreachable_pub)]
 #[path = "faults/ledger.rs"]
 mod ledger;
+#[allow(unreachable_pub)]
 #[path = "faults/scenario.rs"]
 mod scenario;
+#[allow(unreachable_pub)]
 #[path = "faults/worker.rs"]
 mod worker;
 

@@ -15,7 +15,7 @@ use lapin::{
 };
 
 async fn connect(url: &str) -> lapin::Result<Connection> {
-    burrow::connection::connect(&AmqpUrl::new(url.to_owned()), 30, "burrow harness test")
+    burrow::internals::connect(&AmqpUrl::new(url.to_owned()), 30, "burrow harness test")
         .await
         .map_err(|e| match e {
             burrow::Error::Connect { source, .. } => source,

@@ -9,7 +9,7 @@ mod common;
 mod pg;
 
 use burrow::{
-    Context, DomainEvent, EventMeta, HandlerError, Registry, ResultExt,
+    Context, Event, EventMeta, HandlerError, Registry, ResultExt,
     inbox::{Inbox, InboxHandler},
 };
 use common::{CardAdded, Cleanup, TestApp, next_outcome, publisher, start_worker, unique, within};

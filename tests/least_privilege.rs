@@ -128,12 +128,11 @@ async fn a_worker_runs_with_only_its_own_permissions() {
     // Another app's queues are out of reach.
     let mut other = settings.clone();
     other.app.name = unique("t-other");
-    let conn = burrow::connection::open(&other.amqp, "least-privilege probe")
+    let conn = burrow::internals::open(&other.amqp, "least-privilege probe")
         .await
         .unwrap();
-    let refused = Topology::for_app(&other, &Registry::new())
-        .declare(&conn)
-        .await;
+    let refused =
+        burrow::internals::declare(&Topology::for_app(&other, &Registry::new()), &conn).await;
     let _ = conn.close(200, "done".into()).await;
     match refused {
         Err(burrow::Error::TopologyRefused { reason, .. }) => {

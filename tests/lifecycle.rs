@@ -135,7 +135,7 @@ async fn wait_until(what: &str, bound: Duration, mut cond: impl FnMut() -> bool)
 /// Ready plus unacknowledged messages of `queue` on the broker at `url`
 /// reach zero (acks may trail the handler by a moment).
 async fn wait_queue_empty(url: &str, queue: &str) {
-    let conn = burrow::connection::connect(&AmqpUrl::new(url.to_owned()), 30, "lifecycle check")
+    let conn = burrow::internals::connect(&AmqpUrl::new(url.to_owned()), 30, "lifecycle check")
         .await
         .expect("check connection");
     let mut last = (0, 0);

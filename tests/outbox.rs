@@ -14,7 +14,7 @@ mod pg;
 use std::{collections::HashMap, time::Duration};
 
 use burrow::{
-    Context, DomainEvent, EventMeta, HandlerError, Registry, ResultExt,
+    Context, DomainEvent, Event, EventMeta, HandlerError, Registry, ResultExt,
     inbox::{Inbox, InboxHandler},
     outbox,
 };
@@ -43,8 +43,11 @@ impl CardMoved {
     }
 }
 
-impl DomainEvent for CardMoved {
+impl Event for CardMoved {
     const EVENT_TYPE: &'static str = "CardMovedEvent";
+}
+
+impl DomainEvent for CardMoved {
     const VERSION: u32 = 3;
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
@@ -62,8 +65,11 @@ struct CardArchived {
     seq: u32,
 }
 
-impl DomainEvent for CardArchived {
+impl Event for CardArchived {
     const EVENT_TYPE: &'static str = "CardArchivedEvent";
+}
+
+impl DomainEvent for CardArchived {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

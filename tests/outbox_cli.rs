@@ -40,8 +40,11 @@ struct CardAddedToLibrary {
     library_id: String,
 }
 
-impl burrow::DomainEvent for CardAddedToLibrary {
+impl burrow::Event for CardAddedToLibrary {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+}
+
+impl burrow::DomainEvent for CardAddedToLibrary {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

@@ -17,7 +17,7 @@ async fn declare(settings: &burrow::Settings) {
     let raw = Raw::connect().await;
     within(
         "topology declare",
-        Topology::for_app(settings, &registry).declare(&raw.conn),
+        burrow::internals::declare(&Topology::for_app(settings, &registry), &raw.conn),
     )
     .await
     .expect("topology declares");

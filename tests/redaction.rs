@@ -120,7 +120,7 @@ proptest! {
 
         settings.app.name = "valid".into();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let connect = runtime.block_on(burrow::connection::open(&settings.amqp, "redaction test"));
+        let connect = runtime.block_on(burrow::internals::open(&settings.amqp, "redaction test"));
         let error = connect.expect_err("nothing listens on port 1").to_string();
         assert_hidden("connect error", &error, &password);
 

@@ -12,7 +12,7 @@ mod common;
 
 use std::{path::PathBuf, process::Command};
 
-use burrow::{HandlerError, Registry, Settings, config::AmqpUrl, connection};
+use burrow::{HandlerError, Registry, Settings, config::AmqpUrl, internals as connection};
 use common::{node::Node, *};
 
 /// The password of the node's TLS user: must never show in an error.

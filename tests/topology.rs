@@ -83,9 +83,12 @@ async fn declaring_over_a_classic_app_queue_is_a_topology_mismatch() {
     predeclare_classic(&raw, &settings.app_queue()).await;
 
     let topology = Topology::for_app(&settings, &registry());
-    let declare_err = within("topology declare", topology.declare(&raw.conn))
-        .await
-        .expect_err("a classic queue cannot become a quorum queue");
+    let declare_err = within(
+        "topology declare",
+        burrow::internals::declare(&topology, &raw.conn),
+    )
+    .await
+    .expect_err("a classic queue cannot become a quorum queue");
 
     // The worker refuses to start with the same error.
     let mut handle = TestWorker::new(Worker::new(settings.clone(), registry()).unwrap().spawn());
@@ -129,12 +132,18 @@ async fn declaring_twice_is_idempotent() {
     let raw = Raw::connect().await;
 
     let topology = Topology::for_app(&settings, &registry());
-    within("first declare", topology.declare(&raw.conn))
-        .await
-        .expect("first declare");
-    within("second declare", topology.declare(&raw.conn))
-        .await
-        .expect("second declare");
+    within(
+        "first declare",
+        burrow::internals::declare(&topology, &raw.conn),
+    )
+    .await
+    .expect("first declare");
+    within(
+        "second declare",
+        burrow::internals::declare(&topology, &raw.conn),
+    )
+    .await
+    .expect("second declare");
 
     // Every queue exists and is empty; the binding routes the event type.
     for q in &topology.queues {

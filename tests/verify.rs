@@ -8,10 +8,8 @@
 use std::{future::Future, time::Duration};
 
 use burrow::{
-    HandlerError, Registry, Settings, Topology,
-    config::AmqpUrl,
-    topology::QueueRole,
-    verify::{Drift, verify},
+    Drift, HandlerError, QueueRole, Registry, Settings, Topology, config::AmqpUrl,
+    internals::verify,
 };
 use chrono::{DateTime, Utc};
 use lapin::{
@@ -45,8 +43,11 @@ struct CardAdded {
     occurred_at: DateTime<Utc>,
 }
 
-impl burrow::DomainEvent for CardAdded {
+impl burrow::Event for CardAdded {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+}
+
+impl burrow::DomainEvent for CardAdded {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -134,7 +135,7 @@ impl Drop for Cleanup {
 async fn connect() -> Connection {
     within(
         "a connection",
-        burrow::connection::connect(&AmqpUrl::new(amqp_url()), 30, "burrow test (verify)"),
+        burrow::internals::connect(&AmqpUrl::new(amqp_url()), 30, "burrow test (verify)"),
     )
     .await
     .expect("connection")
@@ -174,7 +175,9 @@ async fn a_freshly_declared_topology_has_no_drift() {
     let topology = topology(&settings);
     let _cleanup = Cleanup::new(&topology);
     let conn = connect().await;
-    within("declare", topology.declare(&conn)).await.unwrap();
+    within("declare", burrow::internals::declare(&topology, &conn))
+        .await
+        .unwrap();
 
     assert_eq!(run_verify(&topology, &conn).await, Vec::<Drift>::new());
     // Twice: verifying changed nothing that would make it differ.
@@ -188,7 +191,9 @@ async fn a_deleted_retry_queue_is_missing_and_stays_missing() {
     let topology = topology(&settings);
     let _cleanup = Cleanup::new(&topology);
     let conn = connect().await;
-    within("declare", topology.declare(&conn)).await.unwrap();
+    within("declare", burrow::internals::declare(&topology, &conn))
+        .await
+        .unwrap();
     let retry = topology
         .queues
         .iter()
@@ -266,7 +271,7 @@ async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
     .unwrap();
     let _ = ch.close(200, "done".into()).await;
     // Everything else exists as burrow declares it.
-    let err = within("declare", topology.declare(&conn))
+    let err = within("declare", burrow::internals::declare(&topology, &conn))
         .await
         .unwrap_err();
     assert!(
@@ -282,7 +287,7 @@ async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
             .collect(),
         ..topology.clone()
     };
-    within("declare the rest", rest.declare(&conn))
+    within("declare the rest", burrow::internals::declare(&rest, &conn))
         .await
         .unwrap();
 

@@ -68,9 +68,9 @@ use std::{
 };
 
 use burrow::{
-    Context, DomainEvent, HandlerError, Publisher, Registry, Settings, Topology, WorkerHandle,
+    ArgValue, Context, DomainEvent, Event, HandlerError, Publisher, Registry, Settings, Topology,
+    WorkerHandle,
     config::{AmqpUrl, QueueType},
-    topology::ArgValue,
 };
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -108,8 +108,11 @@ struct CardAddedToLibraryEvent {
     sent_at_ns: u64,
 }
 
-impl DomainEvent for CardAddedToLibraryEvent {
+impl Event for CardAddedToLibraryEvent {
     const EVENT_TYPE: &'static str = EVENT_TYPE;
+}
+
+impl DomainEvent for CardAddedToLibraryEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -690,8 +693,8 @@ async fn baseline_declare(conn: &Connection, spec: &Spec) -> BoxResult<()> {
 
 async fn burrow_declare(spec: &Spec) -> BoxResult<()> {
     let settings = burrow_settings(spec);
-    let conn = burrow::connection::connect(&settings.amqp.url, 30, "bench setup").await?;
-    burrow_topology(spec).declare(&conn).await?;
+    let conn = burrow::internals::connect(&settings.amqp.url, 30, "bench setup").await?;
+    burrow::internals::declare(&burrow_topology(spec), &conn).await?;
     let _ = conn.close(200, "declared".into()).await;
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use std::{sync::OnceLock, sync::Arc, time::Duration};
 
-use burrow::{DeadReason, DomainEvent, HandlerError, Pipeline, PipelineConfig, Registry, RetryLadder, Settlement};
+use burrow::{DeadReason, DomainEvent, Event, HandlerError, Registry, RetryLadder, Settlement, internals::{Pipeline, PipelineConfig}};
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
@@ -25,8 +25,11 @@ struct CardAdded {
     tags: Option<Vec<String>>,
 }
 
-impl DomainEvent for CardAdded {
+impl Event for CardAdded {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+}
+
+impl DomainEvent for CardAdded {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -55,7 +58,7 @@ fn harness() -> &'static Harness {
                     ladder: RetryLadder::new("events_fuzz", &[Duration::from_secs(1)]),
                     handler_timeout: Duration::from_secs(5),
                     max_body_bytes: 64 * 1024,
-                    header_budget: burrow::wire::HeaderBudget::default(),
+                    header_budget: burrow::internals::HeaderBudget::default(),
                 },
             ),
         }
@@ -69,9 +72,9 @@ fuzz_target!(|data: &[u8]| {
     let headers = lapin::types::parsing::parse_field_table(table).map(|(_, t)| t).unwrap_or_default();
     let props = BasicProperties::default().with_headers(headers);
 
-    let incoming = burrow::wire::Incoming::read("domain_events", "CardAddedToLibraryEvent", &props, body);
+    let incoming = burrow::internals::Incoming::read("domain_events", "CardAddedToLibraryEvent", &props, body);
     assert!(incoming.attempt >= 1);
-    let _ = burrow::dlq::DeadLetter::read("events_fuzz.dead", props.clone(), body.to_vec());
+    let _ = burrow::internals::read_dead_letter("events_fuzz.dead", props.clone(), body.to_vec());
 
     let h = harness();
     let token = tokio_util::sync::CancellationToken::new();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CliResult, output::Out};
 use crate::{
-    Context, DomainEvent, EventMeta, HandlerError, Outcome, Publisher, Registry, Settings,
+    Context, DomainEvent, Event, EventMeta, HandlerError, Outcome, Publisher, Registry, Settings,
     Topology, Worker, connection,
     error::{Error, Result},
 };
@@ -30,8 +30,11 @@ struct DemoFlakyEvent {
     aggregate_id: String,
 }
 
-impl DomainEvent for DemoFlakyEvent {
+impl Event for DemoFlakyEvent {
     const EVENT_TYPE: &'static str = "BurrowDemoFlakyEvent";
+}
+
+impl DomainEvent for DemoFlakyEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }

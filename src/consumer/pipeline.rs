@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::{
     config::Settings,
     handler::{Context, Failure, Registry},
+    message::Headers,
     metrics::RunOutcome,
     retry::{RetryLadder, RetryStep},
     wire::{DeadReason, HeaderBudget, Incoming},
@@ -354,7 +355,7 @@ impl Pipeline {
                 causation_id: incoming.causation_id.clone(),
                 event_type: incoming.event_type.clone(),
                 attempt: incoming.attempt,
-                headers: properties.headers().clone().unwrap_or_default(),
+                headers: Headers::from_table(properties.headers().clone().unwrap_or_default()),
                 handler: handler.name_arc(),
                 shutdown: shutdown.child_token(),
             };
@@ -463,7 +464,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DomainEvent, HandlerError, wire::headers};
+    use crate::{DomainEvent, Event, HandlerError, wire::headers};
     use chrono::{DateTime, Utc};
     use lapin::types::{AMQPValue, FieldTable};
     use serde::{Deserialize, Serialize};
@@ -475,8 +476,11 @@ mod tests {
         mode: String,
     }
 
-    impl DomainEvent for Ping {
+    impl Event for Ping {
         const EVENT_TYPE: &'static str = "Ping";
+    }
+
+    impl DomainEvent for Ping {
         fn aggregate_id(&self) -> String {
             self.aggregate_id.clone()
         }

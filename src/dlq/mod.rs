@@ -45,17 +45,14 @@ mod render;
 
 use std::time::Duration;
 
-use lapin::{
-    BasicProperties,
-    message::Delivery,
-    types::{AMQPValue, FieldTable},
-};
+use lapin::{BasicProperties, message::Delivery, types::AMQPValue};
 
 use self::browse::{Borrowed, Browse};
 pub use self::render::{render_detail, render_table, to_json};
 use crate::{
     config::Settings,
     error::Result,
+    message::{Headers, MessageProperties},
     publisher::Publisher,
     topic,
     wire::{
@@ -103,16 +100,18 @@ pub struct DeadLetter {
     /// everything burrow or the broker parks there: the queue's name).
     pub routing_key: String,
     /// All headers as received.
-    pub headers: FieldTable,
-    /// All properties as received (including the headers).
-    pub properties: BasicProperties,
+    pub headers: Headers,
+    /// All properties as received (the headers apart).
+    pub properties: MessageProperties,
+    /// The properties in AMQP's form, for the replayed copy.
+    pub(crate) raw: BasicProperties,
     /// The body, byte for byte.
     pub body: Vec<u8>,
 }
 
 impl DeadLetter {
     /// Reads a message taken from the dead-letter queue.
-    pub fn read(routing_key: &str, properties: BasicProperties, body: Vec<u8>) -> Self {
+    pub(crate) fn read(routing_key: &str, properties: BasicProperties, body: Vec<u8>) -> Self {
         let headers = properties.headers().clone().unwrap_or_default();
         let latest_death = x_death_entries(&headers).into_iter().next();
 
@@ -163,14 +162,15 @@ impl DeadLetter {
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
             routing_key: routing_key.to_owned(),
-            headers,
-            properties,
+            headers: Headers::from_table(headers),
+            properties: MessageProperties::from_amqp(&properties),
+            raw: properties,
             body,
         }
     }
 
     /// Reads a delivery from the dead-letter queue (its acker is dropped).
-    pub fn from_delivery(delivery: Delivery) -> Self {
+    pub(crate) fn from_delivery(delivery: Delivery) -> Self {
         Self::read(
             delivery.routing_key.as_str(),
             delivery.properties,
@@ -519,7 +519,7 @@ fn replay_properties(letter: &DeadLetter, only_handler: Option<&str>) -> BasicPr
         None => letter.handlers.clone(),
     };
     wire::replay_copy(
-        &letter.properties,
+        &letter.raw,
         &letter.message_id,
         &letter.event_type,
         letter.replays,
@@ -532,6 +532,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::wire::X_DEATH;
     use lapin::types::FieldArray;
+    use lapin::types::FieldTable;
 
     fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
         let mut t = FieldTable::default();

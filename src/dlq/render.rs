@@ -128,7 +128,7 @@ pub fn render_detail(letter: &DeadLetter) -> String {
     }
 
     out.push_str("properties:\n");
-    let p = &letter.properties;
+    let p = &letter.raw;
     let mut prop = |name: &str, value: Option<String>| {
         if let Some(v) = value {
             let _ = writeln!(out, "  {name} = {v}");
@@ -153,11 +153,11 @@ pub fn render_detail(letter: &DeadLetter) -> String {
     prop("app_id", s(p.app_id()));
     prop("cluster_id", s(p.cluster_id()));
 
-    if letter.headers.inner().is_empty() {
+    if letter.headers.table().inner().is_empty() {
         out.push_str("headers: none\n");
     } else {
         out.push_str("headers:\n");
-        for (k, v) in &letter.headers {
+        for (k, v) in letter.headers.table() {
             let _ = writeln!(out, "  {} = {}", k.as_str(), render_value(v));
         }
     }
@@ -195,7 +195,7 @@ pub fn render_detail(letter: &DeadLetter) -> String {
 pub fn to_json(letter: &DeadLetter) -> serde_json::Value {
     use base64::Engine as _;
     use serde_json::{Value, json};
-    let p = &letter.properties;
+    let p = &letter.raw;
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| Value::from(s.as_str()));
     let mut properties = serde_json::Map::new();
     for (name, value) in [
@@ -237,7 +237,7 @@ pub fn to_json(letter: &DeadLetter) -> serde_json::Value {
         "replays": letter.replays,
         "routing_key": letter.routing_key,
         "properties": properties,
-        "headers": table_to_json(&letter.headers),
+        "headers": table_to_json(letter.headers.table()),
         "body": body,
         "body_encoding": encoding,
     })

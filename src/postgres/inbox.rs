@@ -30,7 +30,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{
     error::{Error, Result},
-    event::DomainEvent,
+    event::Event,
     handler::{Context, Handler, HandlerError},
     postgres::outbox::db,
 };
@@ -230,14 +230,17 @@ impl Inbox {
 /// [`Inbox::wrap`].
 ///
 /// ```no_run
-/// use burrow::{Context, DomainEvent, HandlerError, Registry, ResultExt, inbox::{Inbox, InboxHandler}};
+/// use burrow::{Context, DomainEvent, Event, HandlerError, Registry, ResultExt, inbox::{Inbox, InboxHandler}};
 /// use sqlx::PgConnection;
 /// # use chrono::{DateTime, Utc};
 /// # #[derive(serde::Serialize, serde::Deserialize)]
 /// # #[serde(rename_all = "camelCase")]
 /// # pub struct CollectionCreatedEvent { aggregate_id: String, name: String }
-/// # impl DomainEvent for CollectionCreatedEvent {
+/// # impl Event for CollectionCreatedEvent {
 /// #     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// # }
+/// #
+/// # impl DomainEvent for CollectionCreatedEvent {
 /// #     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
 /// #     fn occurred_at(&self) -> DateTime<Utc> { Utc::now() }
 /// # }
@@ -267,7 +270,7 @@ impl Inbox {
 /// ```
 pub trait InboxHandler: Send + Sync + 'static {
     /// The event this handler decodes.
-    type Event: DomainEvent;
+    type Event: Event;
 
     /// The handler's name (see [`Handler::name`]); also the inbox key.
     fn name(&self) -> &str;

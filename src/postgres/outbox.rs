@@ -82,8 +82,11 @@ const ADVISORY_NAMESPACE: i32 = 1_651_864_178;
 /// # #[derive(serde::Serialize, serde::Deserialize)]
 /// # #[serde(rename_all = "camelCase")]
 /// # struct CollectionCreatedEvent { aggregate_id: String, name: String, occurred_at: DateTime<Utc> }
-/// # impl burrow::DomainEvent for CollectionCreatedEvent {
+/// # impl burrow::Event for CollectionCreatedEvent {
 /// #     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+/// # }
+/// #
+/// # impl burrow::DomainEvent for CollectionCreatedEvent {
 /// #     fn aggregate_id(&self) -> String { self.aggregate_id.clone() }
 /// #     fn occurred_at(&self) -> DateTime<Utc> { self.occurred_at }
 /// # }

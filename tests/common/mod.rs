@@ -8,7 +8,7 @@
 //! Waiting is always on an event (outcomes, the worker state, a polled
 //! `basic_get`) bounded by [`WAIT`]; no test sleeps to synchronise.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 pub mod bin;
 pub mod deep;
@@ -18,8 +18,8 @@ pub mod proxy;
 use std::{future::Future, time::Duration};
 
 use burrow::{
-    Context, DomainEvent, Outcome, Publisher, Registry, RunReport, Settings, Topology, Worker,
-    WorkerHandle, WorkerState, config::AmqpUrl,
+    Context, DomainEvent, Event, Outcome, Publisher, Registry, RunReport, Settings, Topology,
+    Worker, WorkerHandle, WorkerState, config::AmqpUrl,
 };
 use chrono::{DateTime, Utc};
 use lapin::{
@@ -70,8 +70,11 @@ impl CardAdded {
     }
 }
 
-impl DomainEvent for CardAdded {
+impl Event for CardAdded {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+}
+
+impl DomainEvent for CardAdded {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -97,8 +100,11 @@ impl NobodyListens {
     }
 }
 
-impl DomainEvent for NobodyListens {
+impl Event for NobodyListens {
     const EVENT_TYPE: &'static str = "NobodyListensEvent";
+}
+
+impl DomainEvent for NobodyListens {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
@@ -330,7 +336,7 @@ impl Raw {
     pub async fn connect() -> Self {
         let conn = within(
             "a raw AMQP connection",
-            burrow::connection::connect(
+            burrow::internals::connect(
                 &AmqpUrl::new(amqp_url()),
                 30,
                 "burrow integration test (raw)",
@@ -560,7 +566,7 @@ impl Drop for Cleanup {
                 .expect("cleanup runtime");
             rt.block_on(async move {
                 let work = async {
-                    let conn = burrow::connection::connect(
+                    let conn = burrow::internals::connect(
                         &AmqpUrl::new(amqp_url()),
                         30,
                         "burrow integration test (cleanup)",

@@ -6,7 +6,7 @@
 //! side: a [`Tap`] is an exclusive queue bound to a test exchange that
 //! records every message it receives, in order.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::{collections::HashMap, time::Duration};
 
@@ -221,7 +221,7 @@ impl Tap {
     pub async fn bind(exchange: &str, keys: &[&str]) -> Self {
         let conn = within(
             "a tap connection",
-            burrow::connection::connect(
+            burrow::internals::connect(
                 &burrow::config::AmqpUrl::new(amqp_url()),
                 30,
                 "burrow outbox test (tap)",
@@ -229,7 +229,7 @@ impl Tap {
         )
         .await
         .expect("tap connection");
-        burrow::Topology::declare_exchange(exchange, &conn)
+        burrow::internals::declare_exchange(exchange, &conn)
             .await
             .expect("declare the test exchange");
         let channel = conn.create_channel().await.expect("tap channel");

@@ -120,7 +120,7 @@ pub async fn declare(config: &WorkerConfig, url: &str) {
     let conn = connect(url).await;
     let topology = Topology::for_app(&settings, &registry(None, Duration::ZERO));
     bounded("declaring the topology", Duration::from_secs(60), async {
-        topology.declare(&conn).await
+        burrow::internals::declare(&topology, &conn).await
     })
     .await
     .expect("declare the topology");
@@ -131,7 +131,7 @@ pub async fn connect(url: &str) -> Connection {
     bounded(
         "a connection",
         Duration::from_secs(30),
-        burrow::connection::connect(&AmqpUrl::new(url), 30, "burrow fault test"),
+        burrow::internals::connect(&AmqpUrl::new(url), 30, "burrow fault test"),
     )
     .await
     .expect("connect to the broker")

@@ -19,7 +19,7 @@ use std::{
 };
 
 use burrow::{
-    Context, DomainEvent, HandlerError, Registry, Settings, Worker, WorkerState,
+    Context, DomainEvent, Event, HandlerError, Registry, Settings, Worker, WorkerState,
     config::{AmqpUrl, QueueType},
 };
 use chrono::{DateTime, Utc};
@@ -77,8 +77,11 @@ pub struct FaultEvent {
     pub occurred_at: DateTime<Utc>,
 }
 
-impl DomainEvent for FaultEvent {
+impl Event for FaultEvent {
     const EVENT_TYPE: &'static str = "FaultInjectionEvent";
+}
+
+impl DomainEvent for FaultEvent {
     fn aggregate_id(&self) -> String {
         self.aggregate_id.clone()
     }
