@@ -6,7 +6,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use burrow::{Context, Event, HandlerError, Registry};
+use burrow::{
+    cli::ModuleContext,Context, Event, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +51,7 @@ pub async fn index_collection(index: &SearchIndex, event: CollectionCreatedEvent
 }
 
 /// Registers the collections handlers with a fresh index.
-pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+pub fn register(registry: &mut Registry, _ctx: &ModuleContext) -> burrow::Result<()> {
     let index = SearchIndex::default();
     registry.on("collections.index_collection", move |event: CollectionCreatedEvent, _ctx: Context| {
         let index = index.clone();

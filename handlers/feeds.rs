@@ -10,7 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use burrow::{Context, Event, Handler, HandlerError, Registry};
+use burrow::{
+    cli::ModuleContext,Context, Event, Handler, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -110,13 +111,16 @@ impl Handler for AddCardToFeed {
     }
 }
 
-/// Registers the feeds handlers.
-pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+/// Registers the feeds handlers: feed items in the app's database, through
+/// the inbox, when `postgres.url` is set.
+pub fn register(registry: &mut Registry, ctx: &ModuleContext) -> burrow::Result<()> {
     registry.add(AddCardToFeed {
         #[cfg(feature = "postgres")]
-        inbox: postgres::configured_inbox()?,
+        inbox: ctx.postgres().cloned().map(burrow::inbox::Inbox::new),
         ..AddCardToFeed::default()
     })?;
+    #[cfg(not(feature = "postgres"))]
+    let _ = ctx;
     Ok(())
 }
 
@@ -127,17 +131,6 @@ mod postgres {
     use tokio::sync::OnceCell;
 
     use super::FeedItem;
-
-    /// An inbox on `postgres.url` when it is set (connecting on first use).
-    pub(super) fn configured_inbox() -> burrow::Result<Option<Inbox>> {
-        let settings = burrow::Settings::load()?;
-        if settings.postgres.url.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(Inbox::new(burrow::outbox::connect_lazy(
-            &settings.postgres,
-        )?)))
-    }
 
     /// Adds the item unless this handler already handled this message;
     /// `Ok(false)` for a redelivery.

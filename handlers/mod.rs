@@ -5,18 +5,15 @@
 //! and its unit tests. To add a module, write `handlers/<name>.rs` and add
 //! its name to the `modules!` line below.
 
-use burrow::Registry;
+use burrow::cli::Register;
 
-/// Declares the modules and a `register` that registers each in order.
+/// Declares the modules and [`MODULES`], their `register` functions in order.
 macro_rules! modules {
     ($($module:ident),* $(,)?) => {
         $(pub mod $module;)*
 
-        /// Registers every handler module.
-        pub fn register(registry: &mut Registry) -> burrow::Result<()> {
-            $($module::register(registry)?;)*
-            Ok(())
-        }
+        /// Every handler module's `register`, in order.
+        pub const MODULES: &[Register] = &[$($module::register),*];
     };
 }
 
@@ -59,6 +56,12 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burrow::Registry;
+
+    fn register(registry: &mut Registry) -> burrow::Result<()> {
+        let ctx = burrow::cli::ModuleContext::new(&burrow::Settings::default())?;
+        MODULES.iter().try_for_each(|r| r(registry, &ctx))
+    }
 
     #[test]
     fn every_module_registers_and_names_are_unique() {

@@ -7,7 +7,8 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use burrow::{Context, Event, Handler, HandlerError, Registry};
+use burrow::{
+    cli::ModuleContext,Context, Event, Handler, HandlerError, Registry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +80,7 @@ impl Handler for NotifyLibraryFollowers {
 }
 
 /// Registers the notifications handlers.
-pub fn register(registry: &mut Registry) -> burrow::Result<()> {
+pub fn register(registry: &mut Registry, _ctx: &ModuleContext) -> burrow::Result<()> {
     registry.add(NotifyLibraryFollowers::default())?;
     Ok(())
 }

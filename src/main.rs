@@ -10,8 +10,8 @@ use std::process::ExitCode;
 mod handlers;
 
 fn main() -> ExitCode {
-    burrow::cli::main(burrow::cli::App {
-        register: handlers::register,
-        samples: handlers::samples,
-    })
+    burrow::cli::App::new()
+        .modules(handlers::MODULES)
+        .samples(handlers::samples)
+        .run()
 }

@@ -11,7 +11,7 @@
 //! | `burrow_publishes_total` | event, outcome | publishes; outcome = confirmed, returned, nacked, failed |
 //! | `burrow_publish_confirm_seconds` | | publish → confirm time |
 //! | `burrow_in_flight` | | deliveries received and not yet settled |
-//! | `burrow_connected` | | 1 while the worker consumes, else 0 |
+//! | `burrow_connected` | queue | 1 while the worker of that app queue consumes, else 0 |
 //! | `burrow_outbox_pending` | | outbox events not yet published (feature `postgres`) |
 //! | `burrow_outbox_lag_seconds` | | age of the oldest pending outbox event, 0 when none |
 //! | `burrow_outbox_relayed_total` | event, outcome | outbox publishes; outcome = published, failed |
@@ -152,7 +152,7 @@ pub(crate) const OTHER_EVENT: &str = "other";
 /// What a worker's metrics know at start: the labels of every series to
 /// create at 0, and the only event types that may appear as a label.
 #[derive(Debug, Clone, Default)]
-pub struct AppLabels {
+pub(crate) struct AppLabels {
     /// The app queue.
     pub queue: String,
     /// The event types the app subscribes to.
@@ -180,7 +180,7 @@ pub struct Metrics {
     publishes: Family<EventOutcome, Counter>,
     confirm_seconds: Histogram,
     in_flight: Gauge,
-    connected: Gauge,
+    connected: Family<QueueLabel, Gauge>,
     last_settled_ms: Arc<AtomicI64>,
     outbox_pending: Gauge,
     outbox_lag_seconds: Gauge<f64, AtomicU64>,
@@ -192,7 +192,6 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
             .field("in_flight", &self.in_flight.get())
-            .field("connected", &self.connected.get())
             .finish_non_exhaustive()
     }
 }
@@ -223,7 +222,7 @@ impl Metrics {
         let publishes = Family::<EventOutcome, Counter>::default();
         let confirm_seconds = duration_histogram();
         let in_flight = Gauge::default();
-        let connected = Gauge::default();
+        let connected = Family::<QueueLabel, Gauge>::default();
         let outbox_pending = Gauge::default();
         let outbox_lag_seconds = Gauge::<f64, AtomicU64>::default();
         let outbox_relayed = Family::<EventOutcome, Counter>::default();
@@ -328,9 +327,25 @@ impl Metrics {
     /// The metrics of a worker: every series `labels` names exists at 0 from
     /// the start, and event types outside `labels.events` are counted as
     /// [`OTHER_EVENT`].
-    pub fn for_app(labels: &AppLabels) -> Self {
+    pub(crate) fn for_app(labels: &AppLabels) -> Self {
+        Self::for_apps(std::slice::from_ref(labels))
+    }
+
+    /// One set of metrics for several workers (apps) in one process.
+    pub(crate) fn for_apps(apps: &[AppLabels]) -> Self {
         let mut metrics = Self::new();
-        metrics.known_events = Some(Arc::new(labels.events.iter().cloned().collect()));
+        metrics.known_events = Some(Arc::new(
+            apps.iter().flat_map(|a| a.events.iter().cloned()).collect(),
+        ));
+        for labels in apps {
+            metrics.prime(labels);
+        }
+        metrics
+    }
+
+    /// Creates every series `labels` names, at 0.
+    fn prime(&self, labels: &AppLabels) {
+        let metrics = self;
         let queue = &labels.queue;
         for event in labels
             .events
@@ -350,6 +365,9 @@ impl Metrics {
             }
         }
         let _ = metrics.ignored.get_or_create(&QueueLabel {
+            queue: queue.clone(),
+        });
+        let _ = metrics.connected.get_or_create(&QueueLabel {
             queue: queue.clone(),
         });
         for (handler, event) in &labels.handlers {
@@ -378,7 +396,6 @@ impl Metrics {
                 reason,
             });
         }
-        metrics
     }
 
     /// The `event` label for `event_type`: itself when the app subscribes to
@@ -512,8 +529,12 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn set_connected(&self, connected: bool) {
-        self.connected.set(i64::from(connected));
+    pub(crate) fn set_connected(&self, queue: &str, connected: bool) {
+        self.connected
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .set(i64::from(connected));
     }
 
     /// Deliveries received and not yet settled.
@@ -523,7 +544,12 @@ impl Metrics {
 
     /// Whether the worker is consuming.
     pub fn connected(&self) -> bool {
-        self.connected.get() == 1
+        // Family has no iteration: the rendered text is the one view of
+        // every series. Cold path (tests, probes), never per delivery.
+        self.render()
+            .lines()
+            .filter(|l| l.starts_with("burrow_connected{"))
+            .any(|l| l.ends_with(" 1"))
     }
 
     /// Milliseconds since the last settlement (or since start).
@@ -572,7 +598,7 @@ mod tests {
         m.retried("events_a", 1);
         m.dead_lettered("events_a", "permanent");
         m.published("CardAddedToLibraryEvent", PublishOutcome::Returned, None);
-        m.set_connected(true);
+        m.set_connected("events_a", true);
         m.outbox_backlog(3, 1.5);
         m.outbox_relayed("CardAddedToLibraryEvent", true, Some(0.004));
         let text = m.render();
@@ -585,7 +611,7 @@ mod tests {
             "burrow_handler_duration_seconds_bucket",
             "burrow_publish_confirm_seconds_count 0",
             "burrow_in_flight 0",
-            "burrow_connected 1",
+            r#"burrow_connected{queue="events_a"} 1"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -54,10 +54,10 @@ struct DemoSummary {
     pub dead_lettered: usize,
 }
 
-/// Runs the demo with the app's handlers (`register`) and sample events.
+/// Runs the demo with the app's handlers (`registry`) and sample events.
 pub(super) async fn run(
     mut settings: Settings,
-    register: fn(&mut Registry) -> Result<()>,
+    mut registry: Registry,
     samples: Vec<(&'static str, serde_json::Value)>,
     out: &Out,
 ) -> CliResult {
@@ -68,8 +68,6 @@ pub(super) async fn run(
     settings.retry.delays = vec![Duration::from_secs(1)];
     settings.http.addr = None;
 
-    let mut registry = Registry::new();
-    register(&mut registry)?;
     registry.on(
         "demo.flaky_once",
         |event: DemoFlakyEvent, ctx: Context| async move {

@@ -33,13 +33,151 @@ pub use self::output::Format;
 use self::output::Out;
 use crate::{Error, Registry, Result, Settings, config::LogFormat};
 
-/// What the binary provides: its handler modules and demo samples.
-#[derive(Debug, Clone, Copy)]
+/// A handler module's `register` function: adds its handlers, built with
+/// what [`ModuleContext`] provides.
+pub type Register = fn(&mut Registry, &ModuleContext) -> Result<()>;
+
+/// Sample events for `burrow demo`: `(event type, JSON body)`.
+pub type Samples = fn() -> Vec<(&'static str, serde_json::Value)>;
+
+/// What a handler module is given when it registers: the settings, and the
+/// PostgreSQL pool when `postgres.url` is set. Registering does no I/O (the
+/// pool connects on first use).
+#[derive(Debug)]
+pub struct ModuleContext {
+    settings: Settings,
+    #[cfg(feature = "postgres")]
+    postgres: Option<sqlx::PgPool>,
+}
+
+impl ModuleContext {
+    /// The context for `settings`: with the `postgres` feature and
+    /// `postgres.url` set, a pool that connects on first use.
+    pub fn new(settings: &Settings) -> Result<Self> {
+        Ok(Self {
+            settings: settings.clone(),
+            #[cfg(feature = "postgres")]
+            postgres: match settings.postgres.url {
+                Some(_) => Some(crate::outbox::connect_lazy(&settings.postgres)?),
+                None => None,
+            },
+        })
+    }
+
+    /// The app's settings, as loaded (for the app the module registers into).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The app's database (`postgres.url`), if one is configured.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(&self) -> Option<&sqlx::PgPool> {
+        self.postgres.as_ref()
+    }
+}
+
+/// The modules of one app.
+#[derive(Debug, Clone)]
+struct AppModules {
+    /// `None`: `app.name` from the settings.
+    name: Option<String>,
+    modules: Vec<Register>,
+}
+
+/// A program's command line: the `burrow` commands over the program's own
+/// handler modules, for one app or several in one process.
+///
+/// ```no_run
+/// # mod feeds { pub fn register(_: &mut burrow::Registry, _: &burrow::cli::ModuleContext) -> burrow::Result<()> { Ok(()) } }
+/// # mod search { pub fn register(_: &mut burrow::Registry, _: &burrow::cli::ModuleContext) -> burrow::Result<()> { Ok(()) } }
+/// fn main() -> std::process::ExitCode {
+///     burrow::cli::App::new()
+///         .module(feeds::register)         // the app named by app.name
+///         .app("search", &[search::register]) // a second app in this process
+///         .run()
+/// }
+/// ```
+///
+/// `burrow run` then runs one worker per app (one HTTP endpoint, their
+/// metrics together, ready when every worker consumes); the other commands
+/// act for the app `--app` names, the first one by default.
+#[derive(Debug, Clone, Default)]
 pub struct App {
-    /// Registers every handler module (`handlers::register`).
-    pub register: fn(&mut Registry) -> Result<()>,
-    /// Sample events for `burrow demo`: `(event type, JSON body)`.
-    pub samples: fn() -> Vec<(&'static str, serde_json::Value)>,
+    apps: Vec<AppModules>,
+    samples: Option<Samples>,
+}
+
+impl App {
+    /// No modules yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a handler module to the app named by `app.name`.
+    pub fn module(mut self, register: Register) -> Self {
+        match self.apps.iter_mut().find(|a| a.name.is_none()) {
+            Some(app) => app.modules.push(register),
+            None => self.apps.insert(
+                0,
+                AppModules {
+                    name: None,
+                    modules: vec![register],
+                },
+            ),
+        }
+        self
+    }
+
+    /// Adds handler modules to the app named by `app.name`.
+    pub fn modules(self, registers: &[Register]) -> Self {
+        registers.iter().fold(self, |app, r| app.module(*r))
+    }
+
+    /// Adds an app of its own name (its own queue, `events_<name>`) with
+    /// these modules, run in the same process.
+    pub fn app(mut self, name: &str, modules: &[Register]) -> Self {
+        self.apps.push(AppModules {
+            name: Some(name.to_owned()),
+            modules: modules.to_vec(),
+        });
+        self
+    }
+
+    /// The sample events `burrow demo` publishes.
+    pub fn samples(mut self, samples: Samples) -> Self {
+        self.samples = Some(samples);
+        self
+    }
+
+    /// Parses the command line, runs the command and returns the exit code.
+    pub fn run(self) -> ExitCode {
+        main(self)
+    }
+
+    /// The settings and registry of every app, for `settings`.
+    fn resolve(&self, settings: &Settings) -> Result<Vec<(Settings, Registry)>> {
+        let several = self.apps.len() > 1;
+        self.apps
+            .iter()
+            .map(|app| {
+                let mut settings = settings.clone();
+                if let Some(name) = &app.name {
+                    settings.app.name = name.clone();
+                }
+                if several {
+                    // Each app has its own queue, named for it.
+                    settings.queue.name = None;
+                }
+                settings.validate()?;
+                let context = ModuleContext::new(&settings)?;
+                let mut registry = Registry::new();
+                for register in &app.modules {
+                    register(&mut registry, &context)?;
+                }
+                Ok((settings, registry))
+            })
+            .collect()
+    }
 }
 
 /// How a command ended, as the process exit code.
@@ -237,6 +375,12 @@ enum Endpoint {
 
 /// Parses the command line, runs the command and returns the exit code.
 pub fn main(app: App) -> ExitCode {
+    if app.apps.is_empty() {
+        eprintln!(
+            "error: no handler module is registered; add modules with burrow::cli::App::module"
+        );
+        return ExitCode::from(ExitStatus::Usage.code());
+    }
     crate::redact::install_panic_hook();
     let cli = Cli::parse();
     let out = Out::new(cli.output);
@@ -261,10 +405,26 @@ pub fn main(app: App) -> ExitCode {
 }
 
 async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
-    let mut settings = Settings::load()?;
-    if let Some(name) = cli.app {
-        settings.app.name = name;
-        settings.validate()?;
+    let loaded = Settings::load()?;
+    let mut apps = app.resolve(&loaded)?;
+    // The app a one-shot command acts for: --app, else the first one.
+    let chosen = match &cli.app {
+        Some(name) => apps.iter().position(|(s, _)| s.app.name == *name),
+        None => Some(0),
+    };
+    let (mut settings, registry) = match chosen {
+        Some(i) => apps[i].clone(),
+        // An app this program has no modules for: its dead letters and
+        // queues can still be looked after.
+        None => {
+            let mut settings = loaded.clone();
+            settings.app.name = cli.app.clone().unwrap_or_default();
+            settings.validate()?;
+            (settings, Registry::new())
+        }
+    };
+    if let Some(name) = &cli.app {
+        settings.app.name = name.clone();
     }
     let command = cli.command;
     // The worker logs per its settings; one-shot commands print their own
@@ -282,14 +442,14 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
         _ => "warn,lapin=off".to_owned(),
     };
     init_tracing(&settings, &filter);
-    let registry = || -> Result<Registry> {
-        let mut registry = Registry::new();
-        (app.register)(&mut registry)?;
-        Ok(registry)
-    };
     match command {
-        Command::Run => run::run(settings, registry()?).await,
-        Command::Drain { idle } => run::drain(settings, registry()?, idle).await,
+        Command::Run => {
+            if cli.app.is_some() {
+                apps.retain(|(s, _)| s.app.name == settings.app.name);
+            }
+            run::run(apps).await
+        }
+        Command::Drain { idle } => run::drain(settings, registry, idle).await,
         Command::Healthcheck { endpoint } => {
             let addr = settings.http.addr.ok_or_else(|| {
                 Error::Config(
@@ -306,13 +466,14 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
             out.line(body.trim_end())
         }
         Command::Publish(args) => publish::publish(&settings, args, out).await,
-        Command::Topology { action } => {
-            topology::command(&settings, &registry()?, action, out).await
-        }
+        Command::Topology { action } => topology::command(&settings, &registry, action, out).await,
         Command::Dlq { action } => dlq::command(&settings, action, out).await,
         #[cfg(feature = "postgres")]
         Command::Outbox { action } => outbox::command(&settings, action, out).await,
-        Command::Demo => demo::run(settings, app.register, (app.samples)(), out).await,
+        Command::Demo => {
+            let samples = app.samples.map(|f| f()).unwrap_or_default();
+            demo::run(settings, registry, samples, out).await
+        }
     }
 }
 

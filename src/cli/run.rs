@@ -52,20 +52,123 @@ impl Endpoint {
     }
 }
 
-/// `burrow run`.
-pub(super) async fn run(settings: Settings, registry: Registry) -> CliResult {
-    let worker = Worker::new(settings.clone(), registry)?;
+/// `burrow run`: a worker per app, one HTTP endpoint for them all.
+pub(super) async fn run(apps: Vec<(Settings, Registry)>) -> CliResult {
+    let settings = apps
+        .first()
+        .map(|(s, _)| s.clone())
+        .ok_or_else(|| Error::Registry("no app to run".into()))?;
+    let workers = Worker::group(apps)?;
+    let metrics = workers[0].metrics().clone();
     // With postgres.url: wait for the database (retrying), then the inbox
-    // cleanup and, with outbox.enabled, the relay run beside the worker.
+    // cleanup and, with outbox.enabled, the relay run beside the workers.
     #[cfg(feature = "postgres")]
-    let Some(beside) = super::outbox::start_beside_worker(&settings, worker.metrics()).await?
-    else {
+    let Some(beside) = super::outbox::start_beside_worker(&settings, &metrics).await? else {
         return Ok(()); // stopped while waiting for the database
     };
-    let result = run_with_http(worker, shutdown::signal()).await;
+    let result = if workers.len() == 1 {
+        let worker = workers.into_iter().next().expect("one worker");
+        run_with_http(worker, shutdown::signal()).await
+    } else {
+        run_group(&settings, workers, metrics).await
+    };
     #[cfg(feature = "postgres")]
     beside.stop().await;
     Ok(result?)
+}
+
+/// Several workers until SIGTERM/SIGINT: one endpoint, ready while every
+/// worker consumes, alive until one stops.
+async fn run_group(settings: &Settings, workers: Vec<Worker>, metrics: Metrics) -> Result<()> {
+    let states: Vec<watch::Receiver<WorkerState>> = workers.iter().map(Worker::state).collect();
+    let (combined_tx, combined) = watch::channel(WorkerState::Starting);
+    let combine = tokio::spawn(combine_states(states, combined_tx));
+    let stall_after = settings.consumer.handler_timeout + settings.publisher.confirm_timeout * 2;
+    let endpoint = Endpoint::start(settings, metrics, combined, stall_after).await?;
+    let stop = CancellationToken::new();
+    let signal = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown::signal() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
+    let mut running = tokio::task::JoinSet::new();
+    for worker in workers {
+        let until = stop.clone().cancelled_owned();
+        running.spawn(async move { worker.run(until).await });
+    }
+    let mut first_error = None;
+    let mut abandoned = 0;
+    while let Some(done) = running.join_next().await {
+        // One worker ending stops the others: the process is one unit to
+        // its supervisor.
+        stop.cancel();
+        match done {
+            Ok(Ok(report)) => abandoned += report.abandoned,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::ConsumerStopped {
+                    queue: settings.app_queue(),
+                    reason: format!("worker task ended abnormally: {e}"),
+                });
+            }
+        }
+    }
+    signal.abort();
+    combine.abort();
+    if let Some(endpoint) = endpoint {
+        endpoint.stop().await;
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if abandoned > 0 {
+        return Err(abandoned_error(settings, abandoned));
+    }
+    Ok(())
+}
+
+/// Keeps `combined` at the least ready of `states`: consuming only when
+/// every worker consumes.
+async fn combine_states(
+    mut states: Vec<watch::Receiver<WorkerState>>,
+    combined: watch::Sender<WorkerState>,
+) {
+    fn rank(state: WorkerState) -> u8 {
+        match state {
+            WorkerState::Consuming => 0,
+            WorkerState::Starting => 1,
+            WorkerState::Reconnecting => 2,
+            WorkerState::Draining => 3,
+            WorkerState::Stopped => 4,
+        }
+    }
+    loop {
+        let worst = states
+            .iter()
+            .map(|s| *s.borrow())
+            .max_by_key(|s| rank(*s))
+            .unwrap_or(WorkerState::Stopped);
+        combined.send_replace(worst);
+        let changes = states.iter_mut().map(|s| Box::pin(s.changed()));
+        if futures_util::future::select_all(changes).await.0.is_err() {
+            return;
+        }
+    }
+}
+
+fn abandoned_error(settings: &Settings, abandoned: usize) -> Error {
+    Error::ConsumerStopped {
+        queue: settings.app_queue(),
+        reason: format!(
+            "{abandoned} handler(s) were still running at the shutdown deadline; their messages were not acked and will be redelivered"
+        ),
+    }
 }
 
 /// `burrow drain --idle D`.
@@ -111,13 +214,7 @@ async fn run_with_http(worker: Worker, shutdown: impl Future<Output = ()> + Send
     }
     let report = result?;
     if report.abandoned > 0 {
-        return Err(Error::ConsumerStopped {
-            queue: settings.app_queue(),
-            reason: format!(
-                "{} handler(s) were still running at the shutdown deadline; their messages were not acked and will be redelivered",
-                report.abandoned
-            ),
-        });
+        return Err(abandoned_error(&settings, report.abandoned));
     }
     Ok(())
 }

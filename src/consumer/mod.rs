@@ -83,6 +83,31 @@ pub struct Worker {
 impl Worker {
     /// A worker for `settings.app` with the handlers of `registry`.
     pub fn new(settings: Settings, registry: Registry) -> Result<Self> {
+        let metrics = Metrics::for_app(&app_labels(&settings, &registry));
+        Self::with_metrics(settings, registry, metrics)
+    }
+
+    /// Workers for several apps in one process, recording into one set of
+    /// [`Metrics`] (each series labelled with its app's queue), so one
+    /// `/metrics` endpoint serves them all.
+    pub fn group(apps: Vec<(Settings, Registry)>) -> Result<Vec<Worker>> {
+        let labels: Vec<AppLabels> = apps.iter().map(|(s, r)| app_labels(s, r)).collect();
+        let metrics = Metrics::for_apps(&labels);
+        let mut queues = std::collections::HashSet::new();
+        apps.into_iter()
+            .map(|(settings, registry)| {
+                if !queues.insert(settings.app_queue()) {
+                    return Err(Error::Registry(format!(
+                        "two apps of this process consume {}; give each app its own name",
+                        settings.app_queue()
+                    )));
+                }
+                Self::with_metrics(settings, registry, metrics.clone())
+            })
+            .collect()
+    }
+
+    fn with_metrics(settings: Settings, registry: Registry, metrics: Metrics) -> Result<Self> {
         settings.validate()?;
         if registry.is_empty() {
             return Err(Error::Registry(
@@ -93,7 +118,6 @@ impl Worker {
         }
         let (outcomes, _) = broadcast::channel(4096);
         let (state, _) = watch::channel(WorkerState::Starting);
-        let metrics = Metrics::for_app(&app_labels(&settings, &registry));
         Ok(Self {
             settings,
             registry: Arc::new(registry),
@@ -156,7 +180,8 @@ impl Worker {
     /// mismatch, refused declarations, bad configuration.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport> {
         let result = self.run_sessions(shutdown).await;
-        self.metrics.set_connected(false);
+        self.metrics
+            .set_connected(&self.settings.app_queue(), false);
         self.state.send_replace(WorkerState::Stopped);
         result
     }
@@ -176,7 +201,8 @@ impl Worker {
             match self.session(&publisher, &mut shutdown, &mut report).await {
                 SessionEnd::Shutdown => break Ok(()),
                 SessionEnd::Lost { error, consumed } => {
-                    self.metrics.set_connected(false);
+                    self.metrics
+                        .set_connected(&self.settings.app_queue(), false);
                     ever_consumed |= consumed;
                     // A refused login at start is a mistake to fix (exit,
                     // like a wrong database password); once this worker has

@@ -75,7 +75,7 @@ impl Worker {
         };
         let queue = self.settings.app_queue();
         info!(queue = %queue, consumer_tag = %sub.tag, handlers = self.registry.len(), "consuming");
-        self.metrics.set_connected(true);
+        self.metrics.set_connected(&self.settings.app_queue(), true);
         self.state.send_replace(WorkerState::Consuming);
 
         let (acks, timer) = Acks::start(self.outcomes.clone());
@@ -226,7 +226,8 @@ impl Worker {
     async fn cancel(&self, sub: &Subscribed, deadline: Instant) {
         // Gauges before the state: whoever sees readiness turn 503 also
         // scrapes `burrow_connected 0`.
-        self.metrics.set_connected(false);
+        self.metrics
+            .set_connected(&self.settings.app_queue(), false);
         self.state.send_replace(WorkerState::Draining);
         info!("shutting down: no new deliveries; waiting for in-flight handlers");
         if !sub.channel.status().connected() {

@@ -60,7 +60,13 @@ impl Burrow {
 
     /// `burrow <args>` with this environment and no stdin, killed when dropped.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
+        self.command_of(Path::new(BIN), args)
+    }
+
+    /// Another program built on burrow's command line (an example), with
+    /// this environment.
+    pub fn command_of(&self, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(program);
         for key in &self.removed {
             command.env_remove(key);
         }
