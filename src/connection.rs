@@ -53,10 +53,10 @@ async fn connect_uri(
     name: &str,
 ) -> Result<Connection> {
     let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
-        Error::Config(format!(
-            "amqp.url = {url} is invalid: {}",
-            crate::redact::redact(&e)
-        ))
+        Error::config(
+            "amqp.url",
+            format!("amqp.url = {url} is invalid: {}", crate::redact::redact(&e)),
+        )
     })?;
     if let Some(password) = password {
         uri.authority.userinfo.password = password;
@@ -200,8 +200,12 @@ fn tls_fix(reason: &str, tls: &TlsSettings) -> Option<String> {
 }
 
 fn read(key: &str, path: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| Error::Config(format!("{key} = {}: cannot read it: {e}", path.display())))
+    std::fs::read(path).map_err(|e| {
+        Error::config(
+            key,
+            format!("{key} = {}: cannot read it: {e}", path.display()),
+        )
+    })
 }
 
 /// Reads a PEM file and checks that it holds a `label` block: rustls skips
@@ -213,10 +217,13 @@ fn read_pem(key: &str, path: &std::path::Path, label: &str, what: &str) -> Resul
     // `PRIVATE KEY` also matches `RSA PRIVATE KEY` and `EC PRIVATE KEY`,
     // which rustls reads as well.
     if !text.contains(&format!("{label}-----")) {
-        return Err(Error::Config(format!(
-            "{key} = {} holds no PEM {label}; point it at {what}",
-            path.display()
-        )));
+        return Err(Error::config(
+            key,
+            format!(
+                "{key} = {} holds no PEM {label}; point it at {what}",
+                path.display()
+            ),
+        ));
     }
     Ok(bytes)
 }
@@ -231,10 +238,13 @@ fn tls_config(tls: &TlsSettings) -> Result<OwnedTLSConfig> {
                 "the CA certificate that signed the broker's certificate",
             )?)
             .map_err(|_| {
-                Error::Config(format!(
-                    "amqp.tls.ca_file = {} is not a PEM text file",
-                    path.display()
-                ))
+                Error::config(
+                    "amqp.tls.ca_file",
+                    format!(
+                        "amqp.tls.ca_file = {} is not a PEM text file",
+                        path.display()
+                    ),
+                )
             })?,
         ),
         None => None,

@@ -15,8 +15,14 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// The configuration could not be loaded or failed validation.
-    #[error("configuration error: {0}")]
-    Config(String),
+    #[error("configuration error: {message}")]
+    Config {
+        /// The setting at fault (`amqp.url`, `consumer.prefetch`), or the
+        /// source that failed (`config files`, `APP_ENV`).
+        key: String,
+        /// What is wrong with which value, and the fix.
+        message: String,
+    },
 
     /// The broker could not be reached or the connection failed.
     #[error(
@@ -126,7 +132,8 @@ pub enum Error {
 
     /// No confirm arrived within the configured `publisher.confirm_timeout`.
     #[error(
-        "no publisher confirm for event '{routing_key}' within {timeout:?}; the event may or may not be stored. Publish it again (consumers de-duplicate on message id)"
+        "no publisher confirm for event '{routing_key}' within {}; the event may or may not be stored. Publish it again (consumers de-duplicate on message id)",
+        humantime::format_duration(*timeout)
     )]
     ConfirmTimeout {
         /// Routing key (the event type).
@@ -168,7 +175,7 @@ pub enum Error {
     },
 
     /// Some events of a batch failed; the others were confirmed.
-    #[error("{} of {total} events in the batch were not confirmed; first failure (index {}): {}", failed.len(), failed[0].0, failed[0].1)]
+    #[error("{}", batch_message(*.total, .failed))]
     Batch {
         /// Number of events in the batch.
         total: usize,
@@ -176,17 +183,59 @@ pub enum Error {
         failed: Vec<(usize, Error)>,
     },
 
-    /// A handler registration was rejected.
-    #[error("handler registration: {0}")]
-    Registry(String),
+    /// A handler registration was rejected, or there is nothing to run.
+    #[error("handler registration: {message}")]
+    Registry {
+        /// The handler concerned, when one is.
+        handler: Option<String>,
+        /// What is wrong and the fix.
+        message: String,
+    },
 
-    /// The publisher's channel pool failed.
-    #[error("publisher pool: {0}")]
-    Pool(String),
+    /// The publisher was closed ([`crate::Publisher::close`]) and takes no
+    /// more publishes.
+    #[error(
+        "the publisher is closed; publish through a publisher that is open (connect a new one)"
+    )]
+    PublisherClosed,
 
-    /// The health and metrics endpoint failed, or a probe of it did.
-    #[error("HTTP endpoint: {0}")]
-    Http(String),
+    /// The publisher could not get a channel to publish on (its connection
+    /// is being re-established, or the pool timed out).
+    #[error("publisher channel pool: {reason}")]
+    PublisherPool {
+        /// What the pool reported.
+        reason: String,
+    },
+
+    /// A confirm was expected on a channel that is not in confirm mode: a
+    /// defect in burrow, never the broker's doing.
+    #[error(
+        "no publisher confirm was requested for '{routing_key}' (the channel is not in confirm mode); \
+         this is a bug in burrow, please report it"
+    )]
+    ConfirmNotRequested {
+        /// The routing key of the publish.
+        routing_key: String,
+    },
+
+    /// The health and metrics endpoint failed while serving.
+    #[error("HTTP endpoint on {addr} failed: {source}")]
+    HttpServe {
+        /// Where it served.
+        addr: String,
+        /// What the server reported.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A probe of the HTTP endpoint (`burrow healthcheck`) did not get a 200.
+    #[error("{url}: {problem}")]
+    Probe {
+        /// What was probed.
+        url: String,
+        /// No answer, or the answer that was not 200 and its body.
+        problem: String,
+    },
 
     /// PostgreSQL could not be reached or refused the connection (feature `postgres`).
     #[cfg(feature = "postgres")]
@@ -265,18 +314,22 @@ impl Error {
             Error::Amqp { source, .. } => amqp_retryable(source),
             Error::Nacked { .. } => true,
             Error::ConfirmTimeout { .. } => true,
-            Error::Pool(_) => true,
+            Error::PublisherPool { .. } => true,
+            Error::PublisherClosed => false,
+            Error::ConfirmNotRequested { .. } => false,
             Error::ConsumerStopped { .. } => true,
             Error::Batch { failed, .. } => failed.iter().all(|(_, e)| e.is_retryable()),
-            Error::Config(_) => false,
+            Error::Config { .. } => false,
             Error::TopologyMismatch { .. } => false,
             Error::TopologyRefused { .. } => false,
             Error::Unroutable { .. } => false,
             Error::Serialize { .. } => false,
             Error::InvalidEvent { .. } => false,
             Error::NameTooLong { .. } => false,
-            Error::Registry(_) => false,
-            Error::Http(_) => false,
+            Error::Registry { .. } => false,
+            // Serving failed (the socket): a restart may bind again.
+            Error::HttpServe { .. } => true,
+            Error::Probe { .. } => false,
             #[cfg(feature = "postgres")]
             Error::DatabaseConnect { source, .. } => database_retryable(source),
             #[cfg(feature = "postgres")]
@@ -287,6 +340,22 @@ impl Error {
                 _ => false,
             },
             Error::DuplicateMessageId { .. } => false,
+        }
+    }
+
+    /// A configuration error about `key`.
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A rejected registration, about `handler` when there is one.
+    pub(crate) fn registry(handler: Option<&str>, message: impl Into<String>) -> Self {
+        Error::Registry {
+            handler: handler.map(str::to_owned),
+            message: message.into(),
         }
     }
 
@@ -366,5 +435,66 @@ fn database_hint(error: &sqlx::Error) -> &'static str {
     }
 }
 
+fn batch_message(total: usize, failed: &[(usize, Error)]) -> String {
+    match failed.first() {
+        Some((index, first)) => format!(
+            "{} of {total} events in the batch were not confirmed; first failure (index {index}): {first}",
+            failed.len()
+        ),
+        None => format!("the batch of {total} events reported a failure without naming one"),
+    }
+}
+
 /// A shorthand for `Result<T, burrow::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_publisher_is_not_worth_retrying_but_a_busy_pool_is() {
+        assert!(!Error::PublisherClosed.is_retryable());
+        assert!(
+            Error::PublisherPool {
+                reason: "timed out".into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !Error::ConfirmNotRequested {
+                routing_key: "k".into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !Error::AccessRefused {
+                url: "amqp://***@h".into(),
+                reply: "ACCESS_REFUSED".into()
+            }
+            .is_retryable()
+        );
+    }
+
+    #[test]
+    fn messages_name_the_thing_and_the_fix() {
+        let e = Error::config(
+            "consumer.prefetch",
+            "consumer.prefetch = 0 is invalid: use 1 or more",
+        );
+        assert!(e.to_string().contains("consumer.prefetch = 0"));
+        let e = Error::ConfirmTimeout {
+            routing_key: "CardAddedToLibraryEvent".into(),
+            timeout: Duration::from_secs(30),
+        };
+        assert!(e.to_string().contains("within 30s"), "{e}");
+        let e = Error::Batch {
+            total: 3,
+            failed: Vec::new(),
+        };
+        assert!(
+            e.to_string().contains("3 events"),
+            "an empty list does not panic: {e}"
+        );
+    }
+}

@@ -369,22 +369,31 @@ impl Registry {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
         {
-            return Err(Error::Registry(format!(
-                "handler name {name:?} is invalid: use 1-120 letters, digits, '.', '_', '-' or ':' \
+            return Err(Error::registry(
+                Some(name),
+                format!(
+                    "handler name {name:?} is invalid: use 1-120 letters, digits, '.', '_', '-' or ':' \
                  (it is written into message headers and metric labels)"
-            )));
+                ),
+            ));
         }
         if self.handlers.iter().any(|h| h.name() == name) {
-            return Err(Error::Registry(format!(
-                "two handlers are named {name:?}; handler names must be unique in an app \
+            return Err(Error::registry(
+                Some(name),
+                format!(
+                    "two handlers are named {name:?}; handler names must be unique in an app \
                  because retries and dead letters address handlers by name. Rename one of them"
-            )));
+                ),
+            ));
         }
         topic::validate_binding_key(handler.binding_key()).map_err(|why| {
-            Error::Registry(format!(
-                "handler {name:?} subscribes with binding key {:?}: {why}",
-                handler.binding_key()
-            ))
+            Error::registry(
+                Some(name),
+                format!(
+                    "handler {name:?} subscribes with binding key {:?}: {why}",
+                    handler.binding_key()
+                ),
+            )
         })?;
         self.handlers.push(handler);
         Ok(self)

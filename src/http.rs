@@ -52,9 +52,10 @@ pub fn router(
 /// Binds `addr`; fails with a message naming `http.addr` when it is taken.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::Config(format!(
-            "http.addr = {addr} cannot be bound: {e}; pick a free port or unset http.addr"
-        ))
+        Error::config(
+            "http.addr",
+            format!("http.addr = {addr} cannot be bound: {e}; pick a free port or unset http.addr"),
+        )
     })
 }
 
@@ -64,14 +65,18 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Http(e.to_string()))?;
+    let addr = listener.local_addr().map_err(|source| Error::HttpServe {
+        addr: "(unbound)".into(),
+        source,
+    })?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| Error::Http(format!("server on {addr} failed: {e}")))
+        .map_err(|source| Error::HttpServe {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
@@ -139,8 +144,14 @@ pub async fn probe(addr: SocketAddr, path: &str) -> Result<String> {
     };
     let response = tokio::time::timeout(Duration::from_secs(5), attempt)
         .await
-        .map_err(|_| Error::Http(format!("no answer from http://{target}{path} within 5 s")))?
-        .map_err(|e| Error::Http(format!("cannot reach http://{target}{path}: {e}")))?;
+        .map_err(|_| Error::Probe {
+            url: format!("http://{target}{path}"),
+            problem: "no answer within 5 s".into(),
+        })?
+        .map_err(|e| Error::Probe {
+            url: format!("http://{target}{path}"),
+            problem: format!("cannot reach it: {e}"),
+        })?;
     let status = response.lines().next().unwrap_or_default().to_owned();
     let body = response
         .split("\r\n\r\n")
@@ -151,8 +162,9 @@ pub async fn probe(addr: SocketAddr, path: &str) -> Result<String> {
     if status.split_whitespace().nth(1) == Some("200") {
         Ok(body)
     } else {
-        Err(Error::Http(format!(
-            "http://{target}{path} answered {status:?}: {body}"
-        )))
+        Err(Error::Probe {
+            url: format!("http://{target}{path}"),
+            problem: format!("answered {status:?}: {body}"),
+        })
     }
 }

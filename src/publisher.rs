@@ -156,7 +156,9 @@ impl Publisher {
             .max_size(settings.publisher.channels)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
-            .map_err(|e| Error::Pool(e.to_string()))?;
+            .map_err(|e| Error::PublisherPool {
+                reason: e.to_string(),
+            })?;
         Ok(Publisher {
             inner: Arc::new(Inner {
                 pool,
@@ -281,7 +283,7 @@ impl Publisher {
             .window
             .acquire()
             .await
-            .map_err(|_| Error::Pool("the publisher is closed".into()))?;
+            .map_err(|_| Error::PublisherClosed)?;
         let deadline = Instant::now() + self.inner.confirm_timeout;
         // Built on the first resend only: most publishes never need it.
         let mut delays = None;
@@ -297,9 +299,9 @@ impl Publisher {
                 Err(_) => PublishOutcome::Failed,
             };
             match result {
-                Err(e @ (Error::Amqp { .. } | Error::Pool(_) | Error::Connect { .. }))
-                    if e.is_retryable() =>
-                {
+                Err(
+                    e @ (Error::Amqp { .. } | Error::PublisherPool { .. } | Error::Connect { .. }),
+                ) if e.is_retryable() => {
                     let delay = delays
                         .get_or_insert_with(resend_backoff)
                         .next()
@@ -336,7 +338,10 @@ impl Publisher {
         let confirm = {
             let channel = self.inner.pool.get().await.map_err(|e| match e {
                 managed::PoolError::Backend(e) => e,
-                other => Error::Pool(other.to_string()),
+                managed::PoolError::Closed => Error::PublisherClosed,
+                other => Error::PublisherPool {
+                    reason: other.to_string(),
+                },
             })?;
             channel
                 .basic_publish(
@@ -382,9 +387,9 @@ impl Publisher {
                 routing_key: routing_key.to_owned(),
             }),
             // Every pooled channel ran confirm.select; this would be a bug.
-            Confirmation::NotRequested => Err(Error::Pool(
-                "publisher channel is not in confirm mode".into(),
-            )),
+            Confirmation::NotRequested => Err(Error::ConfirmNotRequested {
+                routing_key: routing_key.to_owned(),
+            }),
         }
     }
 

@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
         body,
         &token,
     ));
-    if incoming.problem.is_some() && body.len() <= 64 * 1024 {
+    if incoming.bad_header.is_some() && body.len() <= 64 * 1024 {
         match &processed.settlement {
             // The header budget is checked first (deep nesting fits in a fuzz input).
             Settlement::DeadLetter(d) => assert!(

@@ -452,10 +452,10 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
         Command::Drain { idle } => run::drain(settings, registry, idle).await,
         Command::Healthcheck { endpoint } => {
             let addr = settings.http.addr.ok_or_else(|| {
-                Error::Config(
+                Error::config(
+                    "http.addr",
                     "http.addr is unset, so there is no endpoint to probe; set http.addr \
-                     (BURROW__HTTP__ADDR=127.0.0.1:9090)"
-                        .into(),
+                     (BURROW__HTTP__ADDR=127.0.0.1:9090)",
                 )
             })?;
             let path = match endpoint {

@@ -43,13 +43,13 @@ async fn database(settings: &Settings, migrate: bool) -> Result<sqlx::PgPool> {
 
 /// What runs beside the worker in `burrow run` when postgres.url is set:
 /// the inbox retention cleanup and, with outbox.enabled, the relay.
-pub(super) struct BesideWorker {
+pub(super) struct DatabaseTasks {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
     publisher: Option<Publisher>,
 }
 
-impl BesideWorker {
+impl DatabaseTasks {
     /// Lets the batch in progress finish, then closes the publisher.
     pub(super) async fn stop(self) {
         self.stop.cancel();
@@ -75,9 +75,9 @@ impl BesideWorker {
 pub(super) async fn start_beside_worker(
     settings: &Settings,
     metrics: &Metrics,
-) -> Result<Option<BesideWorker>> {
+) -> Result<Option<DatabaseTasks>> {
     let stop = CancellationToken::new();
-    let mut beside = BesideWorker {
+    let mut beside = DatabaseTasks {
         stop: stop.clone(),
         tasks: Vec::new(),
         publisher: None,

@@ -57,7 +57,7 @@ pub(super) async fn run(apps: Vec<(Settings, Registry)>) -> CliResult {
     let settings = apps
         .first()
         .map(|(s, _)| s.clone())
-        .ok_or_else(|| Error::Registry("no app to run".into()))?;
+        .ok_or_else(|| Error::registry(None, "no app to run"))?;
     let workers = Worker::group(apps)?;
     let metrics = workers[0].metrics().clone();
     // With postgres.url: wait for the database (retrying), then the inbox

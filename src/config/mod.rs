@@ -78,10 +78,13 @@ impl Settings {
         if let Some(env) = app_env {
             let path = dir.join(format!("{env}.toml"));
             if !path.exists() {
-                return Err(Error::Config(format!(
-                    "APP_ENV={env} but {} does not exist; create it or unset APP_ENV",
-                    path.display()
-                )));
+                return Err(Error::config(
+                    "APP_ENV",
+                    format!(
+                        "APP_ENV={env} but {} does not exist; create it or unset APP_ENV",
+                        path.display()
+                    ),
+                ));
             }
             builder = builder.add_source(
                 config::File::from(path)
@@ -99,7 +102,7 @@ impl Settings {
         );
         let raw = builder
             .build()
-            .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
+            .map_err(|e| Error::config("config files", redact_config_error(e.to_string())))?;
         // Known before anything can fail on them: a deserialisation error
         // quotes the offending value, which may be one of these URLs.
         for key in ["amqp.url", "postgres.url"] {
@@ -109,7 +112,7 @@ impl Settings {
         }
         let settings: Settings = raw
             .try_deserialize()
-            .map_err(|e| Error::Config(redact_config_error(e.to_string())))?;
+            .map_err(|e| Error::config("config files", redact_config_error(e.to_string())))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -132,7 +135,10 @@ impl Settings {
     /// Checks every value; the error names the key and the accepted range.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, value: &dyn fmt::Display, fix: &str| {
-            Err(Error::Config(format!("{key} = {value} is invalid: {fix}")))
+            Err(Error::config(
+                key,
+                format!("{key} = {value} is invalid: {fix}"),
+            ))
         };
         if !valid_name(&self.app.name) {
             return bad(
@@ -220,16 +226,22 @@ impl Settings {
 
     fn validate_postgres(&self) -> Result<()> {
         let bad = |key: &str, value: &dyn fmt::Display, fix: &str| {
-            Err(Error::Config(format!("{key} = {value} is invalid: {fix}")))
+            Err(Error::config(
+                key,
+                format!("{key} = {value} is invalid: {fix}"),
+            ))
         };
         if let Some(url) = &self.postgres.url {
             crate::redact::register_url_password(url.expose());
             url.validate()?;
             if self.postgres.password_file.is_some() && url.has_password() {
-                return Err(Error::Config(format!(
-                    "postgres.url = {url} carries a password and postgres.password_file is set too; keep one: \
+                return Err(Error::config(
+                    "postgres.url",
+                    format!(
+                        "postgres.url = {url} carries a password and postgres.password_file is set too; keep one: \
                      remove the password from postgres.url or unset postgres.password_file"
-                )));
+                    ),
+                ));
             }
         }
         self.postgres.password()?;

@@ -18,19 +18,25 @@ pub(super) fn url_has_password(url: &str) -> bool {
 /// path, never the contents.
 pub(super) fn read_password_file(key: &str, path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "{key} = {} cannot be read ({e}); point it at the file that holds the password \
+        Error::config(
+            key,
+            format!(
+                "{key} = {} cannot be read ({e}); point it at the file that holds the password \
              (a mounted secret), or unset it",
-            path.display()
-        ))
+                path.display()
+            ),
+        )
     })?;
     let password = text.strip_suffix('\n').unwrap_or(&text);
     let password = password.strip_suffix('\r').unwrap_or(password);
     if password.is_empty() {
-        return Err(Error::Config(format!(
-            "{key} = {} is empty; the file must hold the password",
-            path.display()
-        )));
+        return Err(Error::config(
+            key,
+            format!(
+                "{key} = {} is empty; the file must hold the password",
+                path.display()
+            ),
+        ));
     }
     crate::redact::register_secret(password);
     Ok(password.to_owned())
@@ -56,18 +62,24 @@ impl AmqpUrl {
     pub(super) fn validate(&self) -> Result<()> {
         let scheme_ok = self.0.starts_with("amqp://") || self.0.starts_with("amqps://");
         if !scheme_ok {
-            return Err(Error::Config(format!(
-                "amqp.url = {self} is invalid: it must start with amqp:// or amqps://, \
+            return Err(Error::config(
+                "amqp.url",
+                format!(
+                    "amqp.url = {self} is invalid: it must start with amqp:// or amqps://, \
                  e.g. amqp://user:password@127.0.0.1:5672/%2f"
-            )));
+                ),
+            ));
         }
         if let Err(e) = self.0.parse::<lapin::uri::AMQPUri>() {
-            return Err(Error::Config(format!(
-                "amqp.url = {self} is invalid: {}; expected amqp://user:password@host:port/vhost, \
+            return Err(Error::config(
+                "amqp.url",
+                format!(
+                    "amqp.url = {self} is invalid: {}; expected amqp://user:password@host:port/vhost, \
                  with characters such as / @ : ? # % and spaces in the password percent-encoded \
                  (or the password in amqp.password_file)",
-                crate::redact::redact(&e)
-            )));
+                    crate::redact::redact(&e)
+                ),
+            ));
         }
         Ok(())
     }
@@ -115,10 +127,13 @@ impl DatabaseUrl {
 
     pub(super) fn validate(&self) -> Result<()> {
         if !(self.0.starts_with("postgres://") || self.0.starts_with("postgresql://")) {
-            return Err(Error::Config(format!(
-                "postgres.url = {self} is invalid: it must start with postgres:// or postgresql://, \
+            return Err(Error::config(
+                "postgres.url",
+                format!(
+                    "postgres.url = {self} is invalid: it must start with postgres:// or postgresql://, \
                  e.g. postgres://user:password@127.0.0.1:5432/app"
-            )));
+                ),
+            ));
         }
         Ok(())
     }

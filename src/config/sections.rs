@@ -74,18 +74,24 @@ impl AmqpSettings {
         crate::redact::register_url_password(self.url.expose());
         self.url.validate()?;
         if self.password_file.is_some() && self.url.has_password() {
-            return Err(Error::Config(format!(
-                "amqp.url = {} carries a password and amqp.password_file is set too; keep one: \
+            return Err(Error::config(
+                "amqp.url",
+                format!(
+                    "amqp.url = {} carries a password and amqp.password_file is set too; keep one: \
                  remove the password from amqp.url (amqp://user@host:5672/%2f) or unset amqp.password_file",
-                self.url
-            )));
+                    self.url
+                ),
+            ));
         }
         self.password()?;
         if self.reconnect_max_delay < Duration::from_millis(200) {
-            return Err(Error::Config(format!(
-                "amqp.reconnect_max_delay = {} is invalid: use 200ms or more, e.g. \"30s\"",
-                humantime::format_duration(self.reconnect_max_delay)
-            )));
+            return Err(Error::config(
+                "amqp.reconnect_max_delay",
+                format!(
+                    "amqp.reconnect_max_delay = {} is invalid: use 200ms or more, e.g. \"30s\"",
+                    humantime::format_duration(self.reconnect_max_delay)
+                ),
+            ));
         }
         self.tls.validate()
     }
@@ -114,15 +120,19 @@ impl TlsSettings {
             if let Some(path) = path
                 && !path.is_file()
             {
-                return Err(Error::Config(format!(
-                    "{key} = {} is not a readable file; point it at a PEM file",
-                    path.display()
-                )));
+                return Err(Error::config(
+                    key,
+                    format!(
+                        "{key} = {} is not a readable file; point it at a PEM file",
+                        path.display()
+                    ),
+                ));
             }
         }
         if self.client_cert_file.is_some() != self.client_key_file.is_some() {
-            return Err(Error::Config(
-                "amqp.tls.client_cert_file and amqp.tls.client_key_file go together; set both or neither".into(),
+            return Err(Error::config(
+                "amqp.tls.client_cert_file",
+                "amqp.tls.client_cert_file and amqp.tls.client_key_file go together; set both or neither",
             ));
         }
         Ok(())

@@ -11,8 +11,8 @@
 //! its settlement is complete.
 //!
 //! - A delivery whose copies are confirmed (or that needed none) becomes
-//!   *ready*. The settler task acks the longest ready prefix of the window
-//!   with one frame on the prefix's last tag.
+//!   *ready*. The longest ready prefix of the window goes in one frame on
+//!   the prefix's last tag, sent by whoever holds the flusher role (below).
 //! - A delivery returned with `basic.nack` is nacked by its own task before
 //!   it is marked *done*, so the nack frame precedes any ack that covers its
 //!   tag; the broker no longer counts it as outstanding and the ack leaves
@@ -32,6 +32,8 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
+use std::future::Future;
+
 use lapin::{Acker, options::BasicAckOptions};
 use tokio::{
     sync::{Notify, broadcast},
@@ -46,7 +48,7 @@ use crate::{consumer::Outcome, metrics::InFlight};
 /// before it is acked on its own.
 pub const HOLD: Duration = Duration::from_millis(10);
 
-/// How long writing one ack frame may take before the settler gives up on
+/// How long writing one ack frame may take before the flusher gives up on
 /// it. A healthy connection writes it in microseconds; an unacked delivery
 /// is redelivered, so giving up early is safe, hanging is not.
 pub(super) const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -177,35 +179,74 @@ impl AckStats {
     }
 }
 
+/// Sends the ack frame of one delivery (covering every earlier outstanding
+/// one with `multiple`): lapin's [`Acker`] on a channel, a recording fake in
+/// the unit tests below. `Ok(false)` means nothing was sent (the channel
+/// closed first).
+pub(crate) trait AckFrame: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends `basic.ack` for this delivery, `multiple` or not.
+    fn ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<bool>> + Send;
+
+    /// Sends `basic.nack(requeue)` for this delivery alone: it goes back to
+    /// the queue.
+    fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send;
+}
+
+impl AckFrame for Acker {
+    fn ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<bool>> + Send {
+        Acker::ack(self, BasicAckOptions { multiple })
+    }
+
+    fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send {
+        self.nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+    }
+}
+
 /// A delivery waiting for its ack, and the outcome to broadcast once the
 /// ack is sent (only built when someone listens).
 #[derive(Debug)]
-struct Waiting {
-    acker: Acker,
+struct Waiting<A> {
+    acker: A,
     outcome: Option<Outcome>,
     /// Counted in `burrow_in_flight` until its ack is sent (or given up on).
     in_flight: InFlight,
 }
 
-type Taken = Vec<(u64, Waiting)>;
+type Taken<A> = Vec<(u64, Waiting<A>)>;
 
-#[derive(Debug, Default)]
-struct State {
-    window: AckWindow<Waiting>,
+#[derive(Debug)]
+struct State<A> {
+    window: AckWindow<Waiting<A>>,
     closing: bool,
     /// Someone is sending acks. One flusher at a time keeps the frames in
     /// tag order and lets settlements pile up behind the frame on its way.
     flushing: bool,
     stats: AckStats,
     /// Buffers lent to the flusher, kept for their capacity.
-    batch: Taken,
-    singles: Taken,
+    batch: Taken<A>,
+    singles: Taken<A>,
+}
+
+impl<A> Default for State<A> {
+    fn default() -> Self {
+        Self {
+            window: AckWindow::default(),
+            closing: false,
+            flushing: false,
+            stats: AckStats::default(),
+            batch: Vec::new(),
+            singles: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Inner {
+struct Inner<A> {
     // A std mutex: held for a few pointer moves, never across an await.
-    state: std::sync::Mutex<State>,
+    state: std::sync::Mutex<State<A>>,
     /// Wakes the timer task: stragglers to time, or the window closing.
     wake: Notify,
     outcomes: broadcast::Sender<Outcome>,
@@ -221,14 +262,22 @@ struct Inner {
 /// task; under load one frame covers everything that settled while the
 /// previous frame was on its way. The timer task acks stragglers after
 /// [`HOLD`] and flushes the window when the session ends.
-#[derive(Debug, Clone)]
-pub(crate) struct Acks {
-    inner: Arc<Inner>,
+#[derive(Debug)]
+pub(crate) struct Acks<A: AckFrame = Acker> {
+    inner: Arc<Inner<A>>,
 }
 
-impl Acks {
+impl<A: AckFrame> Clone for Acks<A> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<A: AckFrame> Acks<A> {
     /// The window of one channel, and its timer task.
-    pub(crate) fn start(outcomes: broadcast::Sender<Outcome>) -> (Acks, JoinHandle<AckStats>) {
+    pub(crate) fn start(outcomes: broadcast::Sender<Outcome>) -> (Acks<A>, JoinHandle<AckStats>) {
         let acks = Acks {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::default(),
@@ -240,7 +289,7 @@ impl Acks {
         (acks, task)
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<A>> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.inner
             .state
@@ -258,7 +307,7 @@ impl Acks {
     pub(crate) async fn ready(
         &self,
         tag: u64,
-        acker: Acker,
+        acker: A,
         outcome: Option<Outcome>,
         in_flight: InFlight,
     ) {
@@ -272,7 +321,7 @@ impl Acks {
             state
                 .window
                 .settled(tag, Some(waiting), Instant::now())
-                .map(|()| lead(&mut state))
+                .map(|()| try_lead(&mut state))
         };
         match settled {
             Ok(true) => self.flush(false).await,
@@ -296,7 +345,7 @@ impl Acks {
     pub(crate) async fn returned(&self, tag: u64) {
         let lead = {
             let mut state = self.state();
-            state.window.settled(tag, None, Instant::now()).is_ok() && lead(&mut state)
+            state.window.settled(tag, None, Instant::now()).is_ok() && try_lead(&mut state)
         };
         if lead {
             self.flush(false).await;
@@ -309,7 +358,7 @@ impl Acks {
         // Gives the role back if this future is dropped mid-send (a task
         // aborted at the shutdown deadline): what it had taken out is never
         // acked, so the broker redelivers it — late, never lost.
-        let mut role = Role(Some(self));
+        let mut role = FlusherRole(Some(self));
         loop {
             let (mut batch, mut singles) = {
                 let mut state = self.state();
@@ -354,13 +403,13 @@ impl Acks {
 }
 
 /// Takes the flusher role if it is free.
-fn lead(state: &mut State) -> bool {
+fn try_lead<A>(state: &mut State<A>) -> bool {
     !std::mem::replace(&mut state.flushing, true)
 }
 
-struct Role<'a>(Option<&'a Acks>);
+struct FlusherRole<'a, A: AckFrame>(Option<&'a Acks<A>>);
 
-impl Drop for Role<'_> {
+impl<A: AckFrame> Drop for FlusherRole<'_, A> {
     fn drop(&mut self) {
         if let Some(acks) = self.0.take() {
             acks.state().flushing = false;
@@ -371,9 +420,9 @@ impl Drop for Role<'_> {
 
 /// Sends one frame for `batch` and one per single, and broadcasts their
 /// outcomes; leaves both empty.
-async fn send(
-    batch: &mut Taken,
-    singles: &mut Taken,
+async fn send<A: AckFrame>(
+    batch: &mut Taken<A>,
+    singles: &mut Taken<A>,
     outcomes: &broadcast::Sender<Outcome>,
     stats: &mut AckStats,
 ) {
@@ -394,7 +443,7 @@ async fn send(
 
 /// Acks stragglers once they have waited [`HOLD`], and everything ready
 /// when the window closes.
-async fn timer(acks: Acks) -> AckStats {
+async fn timer<A: AckFrame>(acks: Acks<A>) -> AckStats {
     loop {
         let (closing, due) = {
             let state = acks.state();
@@ -409,8 +458,8 @@ async fn timer(acks: Acks) -> AckStats {
             Some(at) => tokio::select! {
                 _ = acks.inner.wake.notified() => {}
                 _ = tokio::time::sleep_until(at) => {
-                    let lead = lead(&mut acks.state());
-                    if lead {
+                    let led = try_lead(&mut acks.state());
+                    if led {
                         acks.flush(false).await;
                     } else {
                         // The flusher takes what is due, and wakes us when
@@ -439,7 +488,7 @@ async fn timer(acks: Acks) -> AckStats {
 /// The delivery's ack frame was sent (or could not be): it leaves
 /// `burrow_in_flight` first, then its outcome is broadcast, so a listener
 /// never sees an outcome for a delivery still counted in flight.
-fn announce(outcomes: &broadcast::Sender<Outcome>, waiting: Waiting, acked: bool) {
+fn announce<A>(outcomes: &broadcast::Sender<Outcome>, waiting: Waiting<A>, acked: bool) {
     let Waiting {
         outcome, in_flight, ..
     } = waiting;
@@ -453,13 +502,13 @@ fn announce(outcomes: &broadcast::Sender<Outcome>, waiting: Waiting, acked: bool
 /// Sends one ack; `false` when it was not sent. lapin answers `Ok(false)`
 /// when the channel closed first (the acker is poisoned): the broker then
 /// redelivers every message the ack would have covered.
-async fn send_ack(acker: &Acker, multiple: bool, count: u64) -> bool {
+async fn send_ack<A: AckFrame>(acker: &A, multiple: bool, count: u64) -> bool {
     // lapin resolves an ack once its frame is written. When the connection
     // dies with the frame on its way, that can never happen and the future
     // never resolves; unbounded, it would stall this settler, and with it
     // `Acks::finish`, so the session would never end and the worker never
     // reconnect (found by the fault suite: network cut, broker kill -9).
-    let sent = tokio::time::timeout(ACK_WRITE_TIMEOUT, acker.ack(BasicAckOptions { multiple }));
+    let sent = tokio::time::timeout(ACK_WRITE_TIMEOUT, acker.ack(multiple));
     let Ok(result) = sent.await else {
         warn!(
             count,
@@ -619,5 +668,184 @@ mod tests {
                 assert_eq!(acked[tag], want, "tag {tag}");
             }
         }
+    }
+
+    // ---------------------------------------------------------------------
+    // The group-commit Acks over a recording ack sender
+    // ---------------------------------------------------------------------
+
+    use std::sync::{Arc as StdArc, Mutex as StdMutex};
+
+    use crate::metrics::Metrics;
+
+    /// Records every frame as `(tag, multiple)`; answers `sent`.
+    #[derive(Debug, Clone)]
+    struct FakeAcker {
+        tag: u64,
+        frames: StdArc<StdMutex<Vec<(u64, bool)>>>,
+        sent: bool,
+    }
+
+    impl AckFrame for FakeAcker {
+        fn ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<bool>> + Send {
+            self.frames.lock().unwrap().push((self.tag, multiple));
+            std::future::ready(Ok(self.sent))
+        }
+
+        fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send {
+            std::future::ready(Ok(self.sent))
+        }
+    }
+
+    fn outcome(id: &str) -> Option<Outcome> {
+        Some(Outcome {
+            message_id: id.into(),
+            event_type: "E".into(),
+            attempt: 1,
+            succeeded: Vec::new(),
+            retried: None,
+            dead_lettered: None,
+            ignored: false,
+            acked: false,
+        })
+    }
+
+    struct Rig {
+        acks: Acks<FakeAcker>,
+        timer: Option<JoinHandle<AckStats>>,
+        frames: StdArc<StdMutex<Vec<(u64, bool)>>>,
+        outcomes: broadcast::Receiver<Outcome>,
+        metrics: Metrics,
+        sent: bool,
+    }
+
+    impl Rig {
+        fn new(sent: bool) -> Self {
+            let (tx, outcomes) = broadcast::channel(64);
+            let (acks, timer) = Acks::start(tx);
+            Self {
+                acks,
+                timer: Some(timer),
+                frames: StdArc::default(),
+                outcomes,
+                metrics: Metrics::new(),
+                sent,
+            }
+        }
+
+        fn receive(&self, tags: std::ops::RangeInclusive<u64>) -> Vec<crate::metrics::InFlight> {
+            tags.map(|tag| {
+                self.acks.received(tag);
+                self.metrics.delivery_started()
+            })
+            .collect()
+        }
+
+        async fn ready(&self, tag: u64, in_flight: crate::metrics::InFlight) {
+            let acker = FakeAcker {
+                tag,
+                frames: self.frames.clone(),
+                sent: self.sent,
+            };
+            self.acks
+                .ready(tag, acker, outcome(&tag.to_string()), in_flight)
+                .await;
+        }
+
+        fn frames(&self) -> Vec<(u64, bool)> {
+            self.frames.lock().unwrap().clone()
+        }
+
+        /// Closes the window: acks what is ready, stops the timer.
+        async fn finish(&mut self) -> AckStats {
+            let timer = self.timer.take().expect("finished once");
+            self.acks.clone().finish(timer).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_delivery_is_acked_by_its_own_task_at_once() {
+        let mut rig = Rig::new(true);
+        let mut in_flight = rig.receive(1..=1);
+        rig.ready(1, in_flight.pop().unwrap()).await;
+        // Sent by the task that settled it, before `ready` returned.
+        assert_eq!(rig.frames(), vec![(1, false)]);
+        let o = rig.outcomes.try_recv().expect("the outcome after the ack");
+        assert!(o.acked);
+        assert_eq!(rig.metrics.in_flight(), 0, "out of flight before announced");
+        let stats = rig.finish().await;
+        assert_eq!((stats.acked, stats.frames, stats.not_sent), (1, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_pending_delivery_is_never_covered_and_a_straggler_goes_alone() {
+        let mut rig = Rig::new(true);
+        let mut in_flight = rig.receive(1..=3);
+        let third = in_flight.pop().unwrap();
+        let second = in_flight.pop().unwrap();
+        let first = in_flight.pop().unwrap();
+        rig.ready(2, second).await;
+        assert!(
+            rig.frames().is_empty(),
+            "1 is pending: no ack may cover 2 yet"
+        );
+        // After HOLD the timer acks 2 on its own, never with `multiple`.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while rig.frames().is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the straggler is acked");
+        assert_eq!(rig.frames(), vec![(2, false)]);
+        rig.ready(1, first).await;
+        rig.ready(3, third).await;
+        let stats = rig.finish().await;
+        let frames = rig.frames();
+        // 1 and 3 each once; 2 was done, so nothing covered it twice.
+        assert_eq!(stats.acked, 3, "{frames:?}");
+        let mut acked: Vec<u64> = frames.iter().map(|(t, _)| *t).collect();
+        acked.sort();
+        assert!(acked == vec![1, 2, 3] || acked == vec![2, 3], "{frames:?}");
+        assert!(
+            frames.iter().all(|(t, multiple)| !*multiple || *t != 2),
+            "{frames:?}"
+        );
+        let mut seen = Vec::new();
+        while let Ok(o) = rig.outcomes.try_recv() {
+            assert!(o.acked);
+            seen.push(o.message_id);
+        }
+        seen.sort();
+        assert_eq!(seen, vec!["1", "2", "3"]);
+        assert_eq!(rig.metrics.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_ack_the_channel_did_not_send_is_reported_and_leaves_flight() {
+        let mut rig = Rig::new(false);
+        let mut in_flight = rig.receive(1..=1);
+        rig.ready(1, in_flight.pop().unwrap()).await;
+        let o = rig.outcomes.try_recv().unwrap();
+        assert!(!o.acked, "Ok(false): the broker will redeliver");
+        assert_eq!(rig.metrics.in_flight(), 0);
+        let stats = rig.finish().await;
+        assert_eq!((stats.acked, stats.not_sent), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_returned_delivery_is_never_acked_and_frees_the_prefix() {
+        let mut rig = Rig::new(true);
+        let mut in_flight = rig.receive(1..=2);
+        let second = in_flight.pop().unwrap();
+        drop(in_flight);
+        // 1 was nacked by its task; 2 may go in the next frame at once.
+        rig.acks.returned(1).await;
+        rig.ready(2, second).await;
+        let stats = rig.finish().await;
+        let frames = rig.frames();
+        assert_eq!(stats.acked, 1);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].0, 2);
     }
 }

@@ -97,10 +97,13 @@ impl Worker {
         apps.into_iter()
             .map(|(settings, registry)| {
                 if !queues.insert(settings.app_queue()) {
-                    return Err(Error::Registry(format!(
-                        "two apps of this process consume {}; give each app its own name",
-                        settings.app_queue()
-                    )));
+                    return Err(Error::registry(
+                        None,
+                        format!(
+                            "two apps of this process consume {}; give each app its own name",
+                            settings.app_queue()
+                        ),
+                    ));
                 }
                 Self::with_metrics(settings, registry, metrics.clone())
             })
@@ -110,10 +113,10 @@ impl Worker {
     fn with_metrics(settings: Settings, registry: Registry, metrics: Metrics) -> Result<Self> {
         settings.validate()?;
         if registry.is_empty() {
-            return Err(Error::Registry(
+            return Err(Error::registry(
+                None,
                 "no handler is registered; a worker with no handlers would bind nothing. \
-                 Register handler modules before starting the worker"
-                    .into(),
+                 Register handler modules before starting the worker",
             ));
         }
         let (outcomes, _) = broadcast::channel(4096);

@@ -283,7 +283,7 @@ impl Pipeline {
                 settlement: s,
             };
         }
-        if let Some(problem) = &incoming.problem {
+        if let Some(problem) = &incoming.bad_header {
             let s = dead(DeadReason::BadHeaders, problem.clone());
             return Processed {
                 incoming,

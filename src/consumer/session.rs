@@ -86,7 +86,7 @@ impl Worker {
                 self.registry.clone(),
                 PipelineConfig::from_settings(&self.settings),
             ),
-            publisher.clone(),
+            Box::new(publisher.clone()),
             self.outcomes.clone(),
             self.metrics.clone(),
         ));

@@ -695,7 +695,7 @@ pub(crate) mod tests {
 
         // The copy is read by the worker as a fresh first attempt for those handlers.
         let inc = wire::Incoming::read("", "events_a", &p, &l.body);
-        assert_eq!(inc.problem, None);
+        assert_eq!(inc.bad_header, None);
         assert_eq!(inc.attempt, 1);
         assert_eq!(inc.event_type, "CardAddedToLibraryEvent");
         assert_eq!(

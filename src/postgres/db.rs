@@ -77,13 +77,13 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 /// `postgres.schema` is set.
 pub fn connect_options(settings: &PostgresSettings) -> Result<PgConnectOptions> {
     let url = settings.url.as_ref().ok_or_else(|| {
-        Error::Config(
-            "postgres.url is unset; set it (BURROW__POSTGRES__URL) to use the outbox or the inbox"
-                .into(),
+        Error::config(
+            "postgres.url",
+            "postgres.url is unset; set it (BURROW__POSTGRES__URL) to use the outbox or the inbox",
         )
     })?;
     let mut options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
-        Error::Config(format!(
+        Error::config("postgres.url", format!(
             "postgres.url = {url} is invalid: {}; expected postgres://user:password@host:5432/database",
             crate::redact::redact(&e.to_string())
         ))

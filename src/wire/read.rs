@@ -1,7 +1,7 @@
 //! Reading what arrives. Reading is total: any message, including one with
 //! no properties at all (a plain amqplib `publish(exchange, key, body, {
 //! persistent: true })`), yields an [`Incoming`]. Headers of the wrong type
-//! are reported in [`Incoming::problem`] so the consumer can dead-letter the
+//! are reported in [`Incoming::bad_header`] so the consumer can dead-letter the
 //! message with a reason instead of guessing.
 
 use lapin::{
@@ -38,7 +38,7 @@ pub struct Incoming {
     /// When the first failure happened (Unix ms), for copies that failed before.
     pub first_failure_at: Option<i64>,
     /// The first header that could not be read, if any.
-    pub problem: Option<String>,
+    pub bad_header: Option<String>,
 }
 
 impl Incoming {
@@ -138,7 +138,7 @@ impl Incoming {
             attempt,
             pending_handlers,
             first_failure_at,
-            problem,
+            bad_header: problem,
         }
     }
 }
@@ -276,7 +276,7 @@ mod tests {
         assert!(inc.message_id.starts_with("derived-"));
         assert_eq!(inc.attempt, 1);
         assert_eq!(inc.pending_handlers, None);
-        assert_eq!(inc.problem, None);
+        assert_eq!(inc.bad_header, None);
         // Stable: the same message gets the same id on every delivery.
         let again = Incoming::read(
             "domain_events",
@@ -318,7 +318,7 @@ mod tests {
         assert_eq!(inc.attempt, 3);
         assert_eq!(inc.pending_handlers, Some(vec!["feeds.add".to_owned()]));
         assert_eq!(inc.first_failure_at, Some(1700));
-        assert_eq!(inc.problem, None);
+        assert_eq!(inc.bad_header, None);
     }
 
     #[test]
@@ -334,16 +334,16 @@ mod tests {
         h.insert(headers::ATTEMPT.into(), long_string("2"));
         let inc = Incoming::read("x", "T", &props_with(h), b"{}");
         assert_eq!(inc.attempt, 1);
-        assert!(inc.problem.unwrap().contains(headers::ATTEMPT));
+        assert!(inc.bad_header.unwrap().contains(headers::ATTEMPT));
 
         let mut h = FieldTable::default();
         h.insert(headers::ATTEMPT.into(), AMQPValue::LongInt(-4));
         let inc = Incoming::read("x", "T", &props_with(h), b"{}");
-        assert!(inc.problem.unwrap().contains("out of range"));
+        assert!(inc.bad_header.unwrap().contains("out of range"));
 
         let mut h = FieldTable::default();
         h.insert(headers::HANDLERS.into(), AMQPValue::LongInt(1));
         let inc = Incoming::read("x", "T", &props_with(h), b"{}");
-        assert!(inc.problem.unwrap().contains(headers::HANDLERS));
+        assert!(inc.bad_header.unwrap().contains(headers::HANDLERS));
     }
 }
