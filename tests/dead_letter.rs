@@ -3,7 +3,7 @@
 mod common;
 
 use burrow::{DeadLettered, DeadReason, EventMeta, HandlerError, Registry, Retried};
-use common::*;
+use common::{recorder::Recorder, *};
 use lapin::BasicProperties;
 
 fn names(names: &[&str]) -> Vec<String> {
@@ -221,28 +221,12 @@ async fn exhausting_the_ladder_dead_letters_with_reason_attempts_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_dead_lettered_as_undecodable_and_the_worker_continues() {
-    let settings = TestApp::new("dead-json").build();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&settings);
-
-    let (tx, mut seen) = seen_channel();
-    let mut registry = Registry::new();
-    registry
-        .on("library.record_card", move |event: CardAdded, ctx| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Seen { event, ctx }).unwrap();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .unwrap();
-    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
-    let publisher = publisher(&settings).await;
+    let mut rec = Recorder::start("dead-json").await;
     let raw = Raw::connect().await;
 
     let garbage = br#"{"aggregateId": "c-1", "title": "#;
     raw.publish(
-        &settings.amqp.exchange,
+        &rec.settings.amqp.exchange,
         "CardAddedToLibraryEvent",
         garbage,
         BasicProperties::default()
@@ -251,7 +235,7 @@ async fn malformed_json_is_dead_lettered_as_undecodable_and_the_worker_continues
     )
     .await;
 
-    let outcome = next_outcome(&mut outcomes).await;
+    let outcome = rec.next_outcome().await;
     assert_eq!(outcome.message_id, "broken-1");
     assert_eq!(
         outcome.retried, None,
@@ -267,7 +251,7 @@ async fn malformed_json_is_dead_lettered_as_undecodable_and_the_worker_continues
     assert!(outcome.succeeded.is_empty());
     assert!(outcome.acked);
 
-    let dead = raw.wait_get(&settings.dead_letter_queue()).await;
+    let dead = raw.wait_get(&rec.settings.dead_letter_queue()).await;
     assert_eq!(
         header_str(&dead.properties, "burrow-dead-reason").as_deref(),
         Some("undecodable")
@@ -281,19 +265,18 @@ async fn malformed_json_is_dead_lettered_as_undecodable_and_the_worker_continues
         garbage.to_vec(),
         "the body is kept byte for byte"
     );
-    assert!(seen.try_recv().is_err(), "the handler never ran");
+    assert!(rec.seen.try_recv().is_err(), "the handler never ran");
 
     // The worker is still consuming.
     let good = CardAdded::new("Blindsight");
-    publisher.publish(&good).await.unwrap();
-    let got = next_seen(&mut seen).await;
+    rec.publisher.publish(&good).await.unwrap();
+    let got = rec.next_seen().await;
     assert_eq!(got.event, good);
-    let outcome = next_outcome(&mut outcomes).await;
+    let outcome = rec.next_outcome().await;
     assert_eq!(outcome.succeeded, names(&["library.record_card"]));
 
     raw.close().await;
-    publisher.close().await;
-    let report = within("worker shutdown", worker.shutdown()).await.unwrap();
+    let report = rec.stop().await;
     assert_eq!(report.settled, 2);
 }
 

@@ -2,12 +2,13 @@
 //! browse without removing, replay sends letters back to the failed
 //! handlers only, purge removes everything or only old letters.
 //!
-//! Self-contained (no `mod common`): every test has its own app name and
-//! exchange, a [`Cleanup`] guard deletes them even when an assertion fails,
-//! and every wait is bounded by [`WAIT`].
+//! Every test has its own app name and exchange, a [`Cleanup`] guard
+//! deletes them even when an assertion fails, and every wait is bounded by
+//! [`WAIT`] (see `common`).
+
+mod common;
 
 use std::{
-    future::Future,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -16,297 +17,30 @@ use std::{
 };
 
 use burrow::{
-    Context, DeadLettered, DeadReason, DomainEvent, Event, EventMeta, HandlerError, Outcome,
-    Publisher, Registry, Settings, Topology, Worker, WorkerHandle,
-    config::AmqpUrl,
+    Context, DeadLettered, DeadReason, EventMeta, HandlerError, Registry, Settings, Topology,
     dlq::{self, ReplayFilter, ReplayReport},
 };
-use chrono::{DateTime, Utc};
+use common::*;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
-    options::{
-        BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-        ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-    },
+    BasicProperties,
+    options::{BasicGetOptions, BasicNackOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CardAdded {
-    aggregate_id: String,
-    title: String,
-    occurred_at: DateTime<Utc>,
-}
-
-impl CardAdded {
-    fn new(title: &str) -> Self {
-        Self {
-            aggregate_id: unique("card"),
-            title: title.to_owned(),
-            occurred_at: Utc::now(),
-        }
-    }
-}
-
-impl Event for CardAdded {
-    const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
-}
-
-impl DomainEvent for CardAdded {
-    fn aggregate_id(&self) -> String {
-        self.aggregate_id.clone()
-    }
-    fn occurred_at(&self) -> DateTime<Utc> {
-        self.occurred_at
-    }
-}
-
-/// Settings of a test app: unique app name and exchange, short timeouts.
+/// Settings of a test app with a one-step retry ladder.
 fn settings(prefix: &str) -> Settings {
-    let mut s = Settings::default();
-    s.app.name = unique(&format!("t-{prefix}"));
-    s.amqp.url = AmqpUrl::new(amqp_url());
-    s.amqp.exchange = unique("burrow-test-ex");
-    s.retry.delays = vec![Duration::from_millis(300)];
-    s.http.addr = None;
-    s.consumer.handler_timeout = Duration::from_secs(5);
-    s.consumer.shutdown_timeout = Duration::from_secs(3);
-    s.publisher.confirm_timeout = Duration::from_secs(10);
-    s.validate().expect("test settings are valid");
-    s
-}
-
-/// Deletes the app's queues and exchange when dropped, even on panic.
-struct Cleanup {
-    queues: Vec<String>,
-    exchange: String,
-}
-
-impl Cleanup {
-    fn new(settings: &Settings) -> Self {
-        let topology = Topology::for_app(settings, &Registry::new());
-        Self {
-            queues: topology.queues.into_iter().map(|q| q.name).collect(),
-            exchange: topology.exchange,
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.queues);
-        let exchange = std::mem::take(&mut self.exchange);
-        // A thread of its own: the test's runtime must not be blocked on.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async move {
-                let work = async {
-                    let conn = connect("cleanup").await;
-                    for q in &queues {
-                        let ch = conn.create_channel().await.expect("channel");
-                        if ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await
-                            .is_ok()
-                        {
-                            let _ = ch.close(200, "cleanup".into()).await;
-                        }
-                    }
-                    let ch = conn.create_channel().await.expect("channel");
-                    if ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await
-                        .is_ok()
-                    {
-                        let _ = ch.close(200, "cleanup".into()).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                };
-                if tokio::time::timeout(WAIT, work).await.is_err() {
-                    eprintln!("cleanup timed out");
-                }
-            });
-        });
-        let _ = done.join();
-    }
-}
-
-/// A running worker, shut down when dropped so a failing test leaves none behind.
-struct TestWorker(Option<WorkerHandle>);
-
-impl TestWorker {
-    async fn shutdown(mut self) {
-        let handle = self.0.take().expect("worker handle");
-        within("worker shutdown", handle.shutdown())
-            .await
-            .expect("worker stops cleanly");
-    }
-}
-
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        let (Some(handle), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        runtime.spawn(async move {
-            let _ = tokio::time::timeout(WAIT, handle.shutdown()).await;
-            let _ = tx.send(());
-        });
-        let _ = rx.recv_timeout(WAIT);
-    }
-}
-
-async fn start_worker(
-    settings: &Settings,
-    registry: Registry,
-) -> (TestWorker, broadcast::Receiver<Outcome>) {
-    let mut handle = Worker::new(settings.clone(), registry)
-        .expect("worker")
-        .spawn();
-    let outcomes = handle.outcomes();
-    if within("the worker to consume", handle.consuming())
-        .await
-        .is_err()
-    {
-        let err = within("the failed worker to stop", handle.join()).await;
-        panic!("the worker did not start consuming: {err:?}");
-    }
-    (TestWorker(Some(handle)), outcomes)
-}
-
-async fn next_outcome(rx: &mut broadcast::Receiver<Outcome>) -> Outcome {
-    within("a delivery outcome", rx.recv())
-        .await
-        .expect("outcomes channel open")
-}
-
-async fn publisher(settings: &Settings) -> Publisher {
-    within("the publisher to connect", Publisher::connect(settings))
-        .await
-        .expect("publisher")
-}
-
-async fn connect(what: &str) -> Connection {
-    within(
-        "a connection",
-        burrow::internals::connect(
-            &AmqpUrl::new(amqp_url()),
-            30,
-            &format!("burrow test dlq ({what})"),
-        ),
-    )
-    .await
-    .expect("connection")
+    TestApp::new(prefix).delays_ms(&[300]).build()
 }
 
 /// Declares the app's queues (no bindings) as the worker would.
-async fn declare(settings: &Settings, conn: &Connection) {
+async fn declare(settings: &Settings, raw: &Raw) {
     within(
         "topology declare",
-        burrow::internals::declare(&Topology::for_app(settings, &Registry::new()), conn),
+        burrow::internals::declare(&Topology::for_app(settings, &Registry::new()), &raw.conn),
     )
     .await
     .expect("topology declared");
-}
-
-async fn confirm_channel(conn: &Connection) -> Channel {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm.select");
-    ch
-}
-
-/// Publishes straight to `queue` (default exchange) and waits for the confirm.
-async fn publish_to(ch: &Channel, queue: &str, body: &[u8], properties: BasicProperties) {
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .expect("basic.publish");
-    let confirmation = within("a publish confirm", confirm).await.expect("confirm");
-    assert!(
-        matches!(confirmation, Confirmation::Ack(None)),
-        "not confirmed: {confirmation:?}"
-    );
-}
-
-/// Ready messages in `queue` (passive declare on a channel of its own).
-async fn ready(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.expect("channel");
-    let q = within(
-        "a passive declare",
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("queue exists");
-    let _ = ch.close(200, "done".into()).await;
-    q.message_count()
-}
-
-/// Waits until `queue` holds `expected` ready messages. Messages a browse
-/// took without acking return to a quorum queue asynchronously after the
-/// browsing channel closed, so the count is polled (under [`WAIT`]) rather
-/// than read once; a message really removed or duplicated still fails.
-async fn settles_at(conn: &Connection, queue: &str, expected: u32, what: &str) {
-    let mut last = None;
-    let polled = tokio::time::timeout(WAIT, async {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
-            let n = ready(conn, queue).await;
-            if n == expected {
-                return;
-            }
-            last = Some(n);
-        }
-    })
-    .await;
-    assert!(
-        polled.is_ok(),
-        "{what}: {queue} holds {last:?} ready messages, expected {expected}"
-    );
 }
 
 fn headers(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -321,25 +55,22 @@ fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
-fn header<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    p.headers().as_ref()?.inner().get(name)
-}
-
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_show_browse_what_the_worker_dead_lettered() {
     let settings = settings("dlq-list");
-    let _cleanup = Cleanup::new(&settings);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
     let mut registry = Registry::new();
     registry
         .on("library.attach_card", |_: CardAdded, _| async move {
             Err::<(), _>(HandlerError::permanent("library lib-9 does not exist"))
         })
         .unwrap();
-    let (worker, mut outcomes) = start_worker(&settings, registry).await;
+    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
     let publisher = publisher(&settings).await;
-    let conn = connect("list").await;
+    let raw = Raw::connect().await;
     let dead = settings.dead_letter_queue();
 
     let before = now_ms();
@@ -393,7 +124,7 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
     }
 
     // Browsing removes nothing; the limit is honoured.
-    settles_at(&conn, &dead, 2, "the dead queue").await;
+    raw.wait_ready(&dead, 2, "the dead queue").await;
     assert_eq!(
         within("dlq list", dlq::list(&settings, 1))
             .await
@@ -425,7 +156,7 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
             .unwrap()
             .is_none()
     );
-    settles_at(&conn, &dead, 2, "show removes nothing").await;
+    raw.wait_ready(&dead, 2, "show removes nothing").await;
 
     let table = dlq::render_table(&letters);
     assert!(
@@ -446,26 +177,28 @@ async fn list_and_show_browse_what_the_worker_dead_lettered() {
         "{detail}"
     );
 
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
     publisher.close().await;
-    worker.shutdown().await;
+    within("worker shutdown", worker.shutdown())
+        .await
+        .expect("worker stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replayed() {
     let mut settings = settings("dlq-limit");
     settings.queue.delivery_limit = 1;
-    let _cleanup = Cleanup::new(&settings);
-    let conn = connect("limit").await;
-    declare(&settings, &conn).await;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    declare(&settings, &raw).await;
     let app = settings.app_queue();
     let dead = settings.dead_letter_queue();
-    let ch = confirm_channel(&conn).await;
 
     let before = now_ms();
     let body = br#"{"aggregateId":"c-1","title":"Ubik","occurredAt":"2024-01-01T00:00:00Z"}"#;
-    publish_to(
-        &ch,
+    raw.publish(
+        "",
         &app,
         body,
         BasicProperties::default()
@@ -475,29 +208,28 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
     )
     .await;
     // Crash-loop it: take and return it until the broker parks it.
-    within("the broker to park the message", async {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        while ready(&conn, &dead).await == 0 {
-            match ch
-                .basic_get(app.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .unwrap()
-            {
-                Some(m) => ch
-                    .basic_nack(
-                        m.delivery.delivery_tag,
-                        BasicNackOptions {
-                            requeue: true,
-                            multiple: false,
-                        },
-                    )
-                    .await
-                    .unwrap(),
-                None => {
-                    tick.tick().await;
-                }
-            }
+    eventually("the broker to park the message", || async {
+        if raw.message_count(&dead).await > 0 {
+            return Ok(());
         }
+        if let Some(m) = raw
+            .channel
+            .basic_get(app.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            raw.channel
+                .basic_nack(
+                    m.delivery.delivery_tag,
+                    BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        Err("not parked yet")
     })
     .await;
     let after = now_ms();
@@ -536,21 +268,8 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
             left: 0
         }
     );
-    settles_at(&conn, &dead, 0, "the dead queue").await;
-    let copy = within("the replayed copy", async {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            if let Some(m) = ch
-                .basic_get(app.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                return m.delivery;
-            }
-        }
-    })
-    .await;
+    raw.wait_ready(&dead, 0, "the dead queue").await;
+    let copy = raw.wait_get(&app).await;
     assert_eq!(copy.data, body.to_vec());
     let p = &copy.properties;
     assert_eq!(
@@ -558,27 +277,32 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
         Some("crash-loop-1")
     );
     assert_eq!(
-        header(p, "burrow-event-type"),
+        header_value(p, "burrow-event-type"),
         Some(&long("CardAddedToLibraryEvent"))
     );
     assert_eq!(
-        header(p, "burrow-attempt"),
+        header_value(p, "burrow-attempt"),
         Some(&AMQPValue::LongLongInt(1))
     );
     assert_eq!(
-        header(p, "burrow-replays"),
+        header_value(p, "burrow-replays"),
         Some(&AMQPValue::LongLongInt(1))
     );
-    assert_eq!(header(p, "burrow-handlers"), None, "every handler runs");
+    assert_eq!(
+        header_value(p, "burrow-handlers"),
+        None,
+        "every handler runs"
+    );
 
     publisher.close().await;
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     let settings = settings("dlq-replay");
-    let _cleanup = Cleanup::new(&settings);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
 
     let failed_once = Arc::new(AtomicBool::new(false));
     let attach_runs = Arc::new(AtomicUsize::new(0));
@@ -611,9 +335,9 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             })
             .unwrap();
     }
-    let (worker, mut outcomes) = start_worker(&settings, registry).await;
+    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
     let publisher = publisher(&settings).await;
-    let conn = connect("replay").await;
+    let raw = Raw::connect().await;
     let dead = settings.dead_letter_queue();
 
     let id = unique("msg");
@@ -643,7 +367,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             .attempt,
         1
     );
-    settles_at(&conn, &dead, 1, "the dead queue").await;
+    raw.wait_ready(&dead, 1, "the dead queue").await;
 
     // Filters that do not match leave the letter where it is.
     let other_event = ReplayFilter {
@@ -699,7 +423,7 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             ..ReplayReport::default()
         }
     );
-    settles_at(&conn, &dead, 1, "the dead queue").await;
+    raw.wait_ready(&dead, 1, "the dead queue").await;
 
     let matching = ReplayFilter {
         event: Some("CardAddedToLibraryEvent".into()),
@@ -719,13 +443,8 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             left: 0
         }
     );
-    settles_at(
-        &conn,
-        &dead,
-        0,
-        "the letter is removed once its copy is confirmed",
-    )
-    .await;
+    raw.wait_ready(&dead, 0, "the letter is removed once its copy is confirmed")
+        .await;
 
     let second = next_outcome(&mut outcomes).await;
     assert_eq!(second.message_id, id);
@@ -758,21 +477,23 @@ async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
             .is_empty()
     );
 
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
     publisher.close().await;
-    worker.shutdown().await;
+    within("worker shutdown", worker.shutdown())
+        .await
+        .expect("worker stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     let settings = settings("dlq-unroutable");
-    let _cleanup = Cleanup::new(&settings);
-    let conn = connect("unroutable").await;
-    declare(&settings, &conn).await;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    declare(&settings, &raw).await;
     let dead = settings.dead_letter_queue();
-    let ch = confirm_channel(&conn).await;
-    publish_to(
-        &ch,
+    raw.publish(
+        "",
         &dead,
         b"{}",
         BasicProperties::default()
@@ -784,12 +505,13 @@ async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     )
     .await;
     // Without the app queue the copy is unroutable.
-    ch.queue_delete(
-        settings.app_queue().as_str().into(),
-        QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
+    raw.channel
+        .queue_delete(
+            settings.app_queue().as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
 
     let publisher = publisher(&settings).await;
     let err = within(
@@ -799,7 +521,7 @@ async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     .await
     .unwrap_err();
     assert!(matches!(err, burrow::Error::Unroutable { .. }), "{err:?}");
-    settles_at(&conn, &dead, 1, "the letter is still parked").await;
+    raw.wait_ready(&dead, 1, "the letter is still parked").await;
     let shown = within("dlq show", dlq::show(&settings, "stuck-1"))
         .await
         .unwrap()
@@ -807,17 +529,17 @@ async fn a_replay_that_cannot_be_delivered_leaves_the_letter_parked() {
     assert_eq!(shown.reason.as_deref(), Some("permanent"));
 
     publisher.close().await;
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_old_letters_or_everything() {
     let settings = settings("dlq-purge");
-    let _cleanup = Cleanup::new(&settings);
-    let conn = connect("purge").await;
-    declare(&settings, &conn).await;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    declare(&settings, &raw).await;
     let dead = settings.dead_letter_queue();
-    let ch = confirm_channel(&conn).await;
 
     let hour_ms = 3_600_000;
     let letter = |id: &str, dead_at: Option<i64>| {
@@ -833,15 +555,16 @@ async fn purge_removes_old_letters_or_everything() {
             .with_delivery_mode(2)
             .with_headers(headers(h))
     };
-    publish_to(
-        &ch,
+    raw.publish(
+        "",
         &dead,
         b"{}",
         letter("old", Some(now_ms() - 2 * hour_ms)),
     )
     .await;
-    publish_to(&ch, &dead, b"{}", letter("recent", Some(now_ms()))).await;
-    publish_to(&ch, &dead, b"{}", letter("ageless", None)).await;
+    raw.publish("", &dead, b"{}", letter("recent", Some(now_ms())))
+        .await;
+    raw.publish("", &dead, b"{}", letter("ageless", None)).await;
 
     let purged = within(
         "dlq purge",
@@ -872,7 +595,7 @@ async fn purge_removes_old_letters_or_everything() {
     .unwrap()
     .purged;
     assert_eq!(purged, 0);
-    settles_at(&conn, &dead, 2, "the dead queue").await;
+    raw.wait_ready(&dead, 2, "the dead queue").await;
 
     let purged = within(
         "dlq purge",
@@ -882,7 +605,7 @@ async fn purge_removes_old_letters_or_everything() {
     .unwrap()
     .purged;
     assert_eq!(purged, 2);
-    settles_at(&conn, &dead, 0, "the dead queue").await;
+    raw.wait_ready(&dead, 0, "the dead queue").await;
     assert!(
         within("dlq list", dlq::list(&settings, 10))
             .await
@@ -890,13 +613,14 @@ async fn purge_removes_old_letters_or_everything() {
             .is_empty()
     );
 
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_on_a_missing_dead_letter_queue_fail_with_a_hint() {
     let settings = settings("dlq-missing");
-    let _cleanup = Cleanup::new(&settings);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
     let err = within("dlq list", dlq::list(&settings, 10))
         .await
         .unwrap_err();

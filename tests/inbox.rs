@@ -12,7 +12,9 @@ use burrow::{
     Context, Event, EventMeta, HandlerError, Registry, ResultExt,
     inbox::{Inbox, InboxHandler},
 };
-use common::{CardAdded, Cleanup, TestApp, next_outcome, publisher, start_worker, unique, within};
+use common::{
+    CardAdded, Cleanup, TestApp, eventually, next_outcome, publisher, start_worker, unique, within,
+};
 use pg::TestDb;
 use sqlx::PgConnection;
 
@@ -113,21 +115,19 @@ async fn a_concurrent_duplicate_waits_for_the_first_run_and_follows_its_fate() {
         }
     });
     // It waits on the inbox row's key...
-    within("the second run to wait on the first", async {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            let waiting: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                 WHERE application_name = $1 AND wait_event_type = 'Lock')",
-            )
-            .bind(&name)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            if waiting {
-                return;
-            }
+    eventually("the second run to wait on the first", || async {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+             WHERE application_name = $1 AND wait_event_type = 'Lock')",
+        )
+        .bind(&name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting {
+            Ok(())
+        } else {
+            Err("no lock wait yet")
         }
     })
     .await;
@@ -242,13 +242,13 @@ async fn run_cleanup_deletes_expired_rows_until_shutdown() {
         .execute(&db.pool)
         .await
         .unwrap();
-        within("the expired row to be deleted", async {
-            while db
+        eventually("the expired row to be deleted", || async {
+            match db
                 .scalar_i64("SELECT count(*) FROM event_inbox WHERE message_id LIKE 'expired-%'")
                 .await
-                > 0
             {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                0 => Ok(()),
+                expired => Err(format!("{expired} expired rows")),
             }
         })
         .await;

@@ -18,7 +18,7 @@ use std::{
 
 use burrow::{HandlerError, Publisher, Registry, Settings, Worker, WorkerState, config::AmqpUrl};
 use common::{
-    bin::{http_get, metric},
+    bin::{self, http_get, metric},
     node::Node,
     proxy::Proxy,
     *,
@@ -64,25 +64,26 @@ impl Tally {
         self.0.lock().unwrap().get(id).copied().unwrap_or(0)
     }
 
-    /// Waits until every id in `ids` was handled; panics naming the missing.
+    /// Waits until every id in `ids` was handled, for at most [`RECOVER`];
+    /// panics naming the missing.
     async fn wait_all(&self, ids: &[String], what: &str) {
-        let waited = tokio::time::timeout(RECOVER, async {
-            loop {
-                if ids.iter().all(|id| self.handled(id) > 0) {
-                    return;
+        eventually_within(
+            &format!("{what}: every confirmed event to be handled"),
+            RECOVER,
+            || async {
+                let missing: Vec<&String> = ids.iter().filter(|id| self.handled(id) == 0).collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} of {} never handled: {missing:?}",
+                        missing.len(),
+                        ids.len()
+                    ))
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        if waited.is_err() {
-            let missing: Vec<&String> = ids.iter().filter(|id| self.handled(id) == 0).collect();
-            panic!(
-                "{what}: {} of {} confirmed events never handled: {missing:?}",
-                missing.len(),
-                ids.len()
-            );
-        }
+            },
+        )
+        .await
     }
 
     /// Handler runs beyond the first, over all ids.
@@ -103,67 +104,23 @@ async fn publish_n(publisher: &Publisher, n: usize, title: &str) -> Vec<String> 
     events.into_iter().map(|e| e.aggregate_id).collect()
 }
 
-/// Polls the worker's state until `want`, for at most `bound`.
+/// Waits until the worker's state is `want`, for at most `bound`.
 async fn wait_state(worker: &TestWorker, want: WorkerState, bound: Duration) {
-    let waited = tokio::time::timeout(bound, async {
-        while worker.state() != want {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    eventually_within(&format!("the worker to be {want:?}"), bound, || async {
+        match worker.state() {
+            state if state == want => Ok(()),
+            state => Err(format!("it is {state:?}")),
         }
     })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "the worker did not reach {want:?} within {bound:?}; it is {:?}",
-        worker.state()
-    );
+    .await
 }
 
-/// Polls `cond` every 10 ms for at most `bound`.
-async fn wait_until(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
-    let waited = tokio::time::timeout(bound, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "timed out after {bound:?} waiting for {what}"
-    );
-}
-
-/// Ready plus unacknowledged messages of `queue` on the broker at `url`
-/// reach zero (acks may trail the handler by a moment).
+/// Waits until `queue` on the broker at `url` holds no ready message (acks
+/// may trail the handler by a moment).
 async fn wait_queue_empty(url: &str, queue: &str) {
-    let conn = burrow::internals::connect(&AmqpUrl::new(url.to_owned()), 30, "lifecycle check")
-        .await
-        .expect("check connection");
-    let mut last = (0, 0);
-    let emptied = tokio::time::timeout(WAIT, async {
-        loop {
-            let channel = conn.create_channel().await.expect("channel");
-            let q = channel
-                .queue_declare(
-                    queue.into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .expect("passive declare");
-            let _ = channel.close(200, "done".into()).await;
-            last = (q.message_count(), q.consumer_count());
-            if q.message_count() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let _ = conn.close(200, "done".into()).await;
-    assert!(emptied.is_ok(), "{queue} kept {} ready messages", last.0);
+    let raw = Raw::connect_to(url).await;
+    raw.wait_ready(queue, 0, "every event handled").await;
+    raw.close().await;
 }
 
 fn settings_for(prefix: &str, url: &str) -> Settings {
@@ -207,8 +164,11 @@ async fn the_worker_and_publisher_ride_out_stop_app_and_start_app_losing_nothing
             confirmed
         }
     });
-    wait_until("publishes to flow", WAIT, || {
-        tally.0.lock().unwrap().len() > before.len() + 5
+    eventually("publishes to flow", || async {
+        match tally.0.lock().unwrap().len() {
+            handled if handled > before.len() + 5 => Ok(()),
+            handled => Err(format!("{handled} events handled")),
+        }
     })
     .await;
 
@@ -295,8 +255,11 @@ async fn cut_connections_are_reopened_and_publishes_lost_with_them_are_sent_agai
         let events = in_flight.clone();
         async move { publisher.publish_batch(&events).await }
     });
-    wait_until("the publishes to reach the proxy", WAIT, || {
-        publisher_proxy.held_from_clients() > 0
+    eventually("the publishes to reach the proxy", || async {
+        match publisher_proxy.held_from_clients() {
+            0 => Err("nothing held yet"),
+            _ => Ok(()),
+        }
     })
     .await;
     assert!(!batch.is_finished(), "confirmed through a blackhole");
@@ -309,8 +272,11 @@ async fn cut_connections_are_reopened_and_publishes_lost_with_them_are_sent_agai
         .await
         .expect("batch task")
         .expect("every publish lost with its connection is sent again and confirmed");
-    wait_until("the worker to reconnect", RECOVER, || {
-        worker_proxy.accepted() > worker_connections
+    eventually_within("the worker to reconnect", RECOVER, || async {
+        match worker_proxy.accepted() {
+            accepted if accepted > worker_connections => Ok(()),
+            accepted => Err(format!("{accepted} connections accepted")),
+        }
     })
     .await;
     wait_state(&worker, WorkerState::Consuming, RECOVER).await;
@@ -410,15 +376,11 @@ async fn a_consumer_cancelled_by_the_broker_declares_again_and_resubscribes() {
     // (and the publisher says so); keep trying until one is confirmed.
     let after = CardAdded::new("after the delete");
     let deleted_at = Instant::now();
-    within("a publish to be routable again", async {
-        loop {
-            match publisher.publish(&after).await {
-                Ok(()) => return,
-                Err(burrow::Error::Unroutable { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("publish: {e}"),
-            }
+    eventually("a publish to be routable again", || async {
+        match publisher.publish(&after).await {
+            Ok(()) => Ok(()),
+            Err(e @ burrow::Error::Unroutable { .. }) => Err(e),
+            Err(e) => panic!("publish: {e}"),
         }
     })
     .await;
@@ -436,23 +398,8 @@ async fn a_consumer_cancelled_by_the_broker_declares_again_and_resubscribes() {
     tally.wait_all(&more, "after resubscribing").await;
 
     // One consumer on the new queue: the worker, subscribed once.
-    let channel = raw.conn.create_channel().await.expect("channel");
-    let q = channel
-        .queue_declare(
-            settings.app_queue().as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .expect("the queue exists again");
-    assert_eq!(
-        q.consumer_count(),
-        1,
-        "exactly one consumer after resubscribing"
-    );
+    let (_, consumers) = queue_counts(&raw.conn, &settings.app_queue()).await;
+    assert_eq!(consumers, 1, "exactly one consumer after resubscribing");
     assert_eq!(worker.state(), WorkerState::Consuming);
 
     raw.close().await;
@@ -611,17 +558,8 @@ async fn metrics_count_what_happened_and_readiness_drops_while_draining() {
     publisher.publish(&CardAdded::new("hold")).await.unwrap();
     let release = next_seen(&mut held).await;
     let stopping = tokio::spawn(async move { worker.shutdown().await });
-    within("/readyz to turn 503 while draining", async {
-        loop {
-            let (code, body) = get(addr, "/readyz").await;
-            if code == 503 {
-                assert!(body.contains("draining"), "{body}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let body = bin::wait_status("/readyz", 503, || get(addr, "/readyz")).await;
+    assert!(body.contains("draining"), "{body}");
     let (code, body) = get(addr, "/healthz").await;
     assert_eq!(code, 200, "a draining worker is alive: {body}");
     let (_, text) = get(addr, "/metrics").await;

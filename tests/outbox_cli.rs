@@ -16,7 +16,6 @@ mod pg;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use burrow::{EventMeta, Publisher, Settings, outbox};
@@ -24,6 +23,7 @@ use chrono::NaiveDateTime;
 use common::{
     CardAdded, Cleanup, TestApp, amqp_url,
     bin::{self, Burrow, http_get, metric, sigterm},
+    eventually,
     node::free_port,
     proxy::Proxy,
     unique, within,
@@ -181,34 +181,19 @@ impl Drop for BinApp {
 /// Waits until the log file contains `needle` at least `times` times while
 /// `child` keeps running; panics with the log if it exits first.
 async fn wait_log(child: &mut Child, log: &Path, needle: &str, times: usize) -> String {
-    within(&format!("{times} × {needle:?} in the log"), async {
-        loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            if text.matches(needle).count() >= times {
-                return text;
-            }
-            if let Some(status) = child.try_wait().expect("the child's status") {
-                panic!("burrow exited ({status}) before logging {needle:?}:\n{text}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(&format!("{times} × {needle:?} in the log"), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text.matches(needle).count();
+        if found < times
+            && let Some(status) = child.try_wait().expect("the child's status")
+        {
+            panic!("burrow exited ({status}) before logging {needle:?}:\n{text}");
         }
-    })
-    .await
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most [`common::WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    within(what, async {
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        std::future::ready(if found >= times {
+            Ok(text)
+        } else {
+            Err(format!("{found} so far"))
+        })
     })
     .await
 }
@@ -337,7 +322,11 @@ async fn status_relay_audit_and_cleanup() {
                 ("outcome", "published"),
             ],
         );
-        (published == 3.0).then_some(())
+        if published == 3.0 {
+            Ok(())
+        } else {
+            Err(format!("{published} published"))
+        }
     })
     .await;
     let (code, text) = stop(&app, &mut relay, &log).await;
@@ -641,7 +630,11 @@ async fn burrow_run_with_postgres_handles_a_duplicate_once_and_expires_inbox_row
             "burrow_handler_runs_total",
             &[("handler", HANDLER), ("outcome", "ok")],
         );
-        (ok >= 3.0).then_some(())
+        if ok >= 3.0 {
+            Ok(())
+        } else {
+            Err(format!("{ok} ok runs"))
+        }
     })
     .await;
     let (_, metrics) = app.get("/metrics").await;
@@ -675,7 +668,11 @@ async fn burrow_run_with_postgres_handles_a_duplicate_once_and_expires_inbox_row
         .fetch_all(&db.pool)
         .await
         .unwrap();
-        (!ids.iter().any(|id| id == "expired")).then_some(ids)
+        if ids.iter().any(|id| id == "expired") {
+            Err(format!("{ids:?}"))
+        } else {
+            Ok(ids)
+        }
     })
     .await;
     let mut expected = vec![message_id.clone(), outbox_id.clone(), "recent".to_owned()];

@@ -12,7 +12,7 @@ use std::{
 };
 
 use burrow::{HandlerError, Registry, Retried};
-use common::*;
+use common::{recorder::Recorder, *};
 
 fn names(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| s.to_string()).collect()
@@ -362,41 +362,30 @@ async fn a_handler_exceeding_the_timeout_is_retried() {
 /// id on the retry copy, so logs and de-duplication see one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bare_message_keeps_its_derived_id_through_a_retry() {
-    let settings = TestApp::new("bare-retry").build();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&settings);
-
-    let (tx, mut seen) = seen_channel();
-    let mut registry = Registry::new();
-    registry
-        .on("library.record_card", move |event: CardAdded, ctx| {
-            let tx = tx.clone();
-            async move {
-                let attempt = ctx.attempt;
-                tx.send(Seen { event, ctx }).unwrap();
-                if attempt == 1 {
-                    Err(HandlerError::transient("database busy"))
-                } else {
-                    Ok(())
-                }
+    let mut rec = Recorder::build("bare-retry")
+        .verdict(|seen| {
+            if seen.ctx.attempt == 1 {
+                Err(HandlerError::transient("database busy"))
+            } else {
+                Ok(())
             }
         })
-        .unwrap();
-    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
+        .start()
+        .await;
     let raw = Raw::connect().await;
 
     let event = CardAdded::new("Kindred");
     let body = serde_json::to_vec(&event).unwrap();
     raw.publish(
-        &settings.amqp.exchange,
+        &rec.settings.amqp.exchange,
         "CardAddedToLibraryEvent",
         &body,
         lapin::BasicProperties::default().with_delivery_mode(2),
     )
     .await;
 
-    let first = next_seen(&mut seen).await;
-    let second = next_seen(&mut seen).await;
+    let first = rec.next_seen().await;
+    let second = rec.next_seen().await;
     assert!(
         first.ctx.message_id.starts_with("derived-"),
         "{:?}",
@@ -413,7 +402,7 @@ async fn a_bare_message_keeps_its_derived_id_through_a_retry() {
     );
     assert_eq!(second.event, event);
 
-    let o1 = next_outcome(&mut outcomes).await;
+    let o1 = rec.next_outcome().await;
     assert_eq!(
         o1.retried,
         Some(Retried {
@@ -421,10 +410,10 @@ async fn a_bare_message_keeps_its_derived_id_through_a_retry() {
             handlers: names(&["library.record_card"])
         })
     );
-    let o2 = next_outcome(&mut outcomes).await;
+    let o2 = rec.next_outcome().await;
     assert_eq!(o2.message_id, o1.message_id);
     assert_eq!(o2.succeeded, names(&["library.record_card"]));
 
     raw.close().await;
-    within("worker shutdown", worker.shutdown()).await.unwrap();
+    rec.stop().await;
 }

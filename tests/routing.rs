@@ -2,29 +2,13 @@
 
 mod common;
 
-use burrow::{EventMeta, HandlerError, Registry, wire::derive_message_id};
-use common::*;
+use burrow::{EventMeta, wire::derive_message_id};
+use common::{recorder::Recorder, *};
 use lapin::BasicProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_event_reaches_the_typed_handler_with_its_context() {
-    let settings = TestApp::new("routing").build();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&settings);
-
-    let (tx, mut seen) = seen_channel();
-    let mut registry = Registry::new();
-    registry
-        .on("library.record_card", move |event: CardAdded, ctx| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Seen { event, ctx }).unwrap();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .unwrap();
-    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
-    let publisher = publisher(&settings).await;
+    let mut rec = Recorder::start("routing").await;
 
     let event = CardAdded::new("Dune");
     let message_id = unique("msg");
@@ -32,12 +16,12 @@ async fn published_event_reaches_the_typed_handler_with_its_context() {
         .message_id(&message_id)
         .correlation_id("req-42")
         .causation_id("cmd-7");
-    publisher
+    rec.publisher
         .publish_with(&event, meta)
         .await
         .expect("publish is confirmed");
 
-    let got = next_seen(&mut seen).await;
+    let got = rec.next_seen().await;
     assert_eq!(got.event, event, "the handler gets the decoded event");
     assert_eq!(got.ctx.message_id, message_id);
     assert_eq!(got.ctx.correlation_id.as_deref(), Some("req-42"));
@@ -46,7 +30,7 @@ async fn published_event_reaches_the_typed_handler_with_its_context() {
     assert_eq!(got.ctx.attempt, 1);
     assert_eq!(&*got.ctx.handler, "library.record_card");
 
-    let outcome = next_outcome(&mut outcomes).await;
+    let outcome = rec.next_outcome().await;
     assert_eq!(outcome.message_id, message_id);
     assert_eq!(outcome.event_type, "CardAddedToLibraryEvent");
     assert_eq!(outcome.attempt, 1);
@@ -58,11 +42,11 @@ async fn published_event_reaches_the_typed_handler_with_its_context() {
 
     // Without explicit ids: a fresh message id, used as correlation id too.
     let second = CardAdded::new("Solaris");
-    publisher
+    rec.publisher
         .publish(&second)
         .await
         .expect("publish is confirmed");
-    let got = next_seen(&mut seen).await;
+    let got = rec.next_seen().await;
     assert_eq!(got.event, second);
     assert!(
         uuid::Uuid::parse_str(&got.ctx.message_id).is_ok(),
@@ -75,74 +59,56 @@ async fn published_event_reaches_the_typed_handler_with_its_context() {
     );
     assert_eq!(got.ctx.attempt, 1);
 
-    publisher.close().await;
-    let report = within("worker shutdown", worker.shutdown())
-        .await
-        .expect("clean shutdown");
+    let report = rec.stop().await;
     assert_eq!(report.settled, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_apps_on_one_exchange_each_receive_the_event_once() {
-    let a = TestApp::new("fanout-a").build();
-    let b = TestApp::new("fanout-b").exchange(&a.amqp.exchange).build();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&a).app(&b);
-
-    let registry_for = |name: &'static str| {
-        let (tx, rx) = seen_channel();
-        let mut registry = Registry::new();
-        registry
-            .on(name, move |event: CardAdded, ctx| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(Seen { event, ctx }).unwrap();
-                    Ok::<_, HandlerError>(())
-                }
-            })
-            .unwrap();
-        (registry, rx)
-    };
-    let (reg_a, mut seen_a) = registry_for("search.index_card");
-    let (reg_b, mut seen_b) = registry_for("feeds.add_card");
-    let (worker_a, mut out_a) = start_worker(a.clone(), reg_a).await;
-    let (worker_b, mut out_b) = start_worker(b.clone(), reg_b).await;
-    let publisher = publisher(&a).await;
+    let mut a = Recorder::build("fanout-a")
+        .handler("search.index_card")
+        .start()
+        .await;
+    // One cleanup for both apps, which share the exchange.
+    let b_settings = TestApp::new("fanout-b")
+        .exchange(&a.settings.amqp.exchange)
+        .build();
+    a.cleanup.app(&b_settings);
+    let mut b = Recorder::with_settings(b_settings)
+        .handler("feeds.add_card")
+        .without_cleanup()
+        .start()
+        .await;
 
     let event = CardAdded::new("Neuromancer");
-    publisher
+    a.publisher
         .publish(&event)
         .await
         .expect("publish is confirmed");
 
-    let got_a = next_seen(&mut seen_a).await;
-    let got_b = next_seen(&mut seen_b).await;
+    let got_a = a.next_seen().await;
+    let got_b = b.next_seen().await;
     assert_eq!(got_a.event, event);
     assert_eq!(got_b.event, event);
     assert_eq!(
         got_a.ctx.message_id, got_b.ctx.message_id,
         "both apps see the same message"
     );
-    let oa = next_outcome(&mut out_a).await;
-    let ob = next_outcome(&mut out_b).await;
+    let oa = a.next_outcome().await;
+    let ob = b.next_outcome().await;
     assert_eq!(oa.succeeded, vec!["search.index_card".to_string()]);
     assert_eq!(ob.succeeded, vec!["feeds.add_card".to_string()]);
     assert!(oa.acked && ob.acked);
 
-    publisher.close().await;
-    let ra = within("worker a shutdown", worker_a.shutdown())
-        .await
-        .unwrap();
-    let rb = within("worker b shutdown", worker_b.shutdown())
-        .await
-        .unwrap();
+    let ra = a.stop().await;
+    let rb = b.stop().await;
     assert_eq!(
         (ra.settled, rb.settled),
         (1, 1),
         "each app handled exactly one delivery"
     );
     assert!(
-        seen_a.try_recv().is_err() && seen_b.try_recv().is_err(),
+        a.seen.try_recv().is_err() && b.seen.try_recv().is_err(),
         "no second invocation"
     );
 }
@@ -151,35 +117,20 @@ async fn two_apps_on_one_exchange_each_receive_the_event_once() {
 /// no message id, no type, no headers, no content type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_without_properties_is_handled_with_a_derived_message_id() {
-    let settings = TestApp::new("bare").build();
-    let mut cleanup = Cleanup::new();
-    cleanup.app(&settings);
-
-    let (tx, mut seen) = seen_channel();
-    let mut registry = Registry::new();
-    registry
-        .on("library.record_card", move |event: CardAdded, ctx| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Seen { event, ctx }).unwrap();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .unwrap();
-    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
+    let mut rec = Recorder::start("bare").await;
     let raw = Raw::connect().await;
 
     let event = CardAdded::new("Hyperion");
     let body = serde_json::to_vec(&event).unwrap();
     raw.publish(
-        &settings.amqp.exchange,
+        &rec.settings.amqp.exchange,
         "CardAddedToLibraryEvent",
         &body,
         BasicProperties::default().with_delivery_mode(2),
     )
     .await;
 
-    let got = next_seen(&mut seen).await;
+    let got = rec.next_seen().await;
     assert_eq!(got.event, event);
     assert!(
         got.ctx.message_id.starts_with("derived-"),
@@ -195,11 +146,11 @@ async fn a_message_without_properties_is_handled_with_a_derived_message_id() {
     assert_eq!(got.ctx.event_type, "CardAddedToLibraryEvent");
     assert_eq!(got.ctx.attempt, 1);
 
-    let outcome = next_outcome(&mut outcomes).await;
+    let outcome = rec.next_outcome().await;
     assert_eq!(outcome.message_id, got.ctx.message_id);
     assert_eq!(outcome.succeeded, vec!["library.record_card".to_string()]);
     assert!(outcome.acked);
 
     raw.close().await;
-    within("worker shutdown", worker.shutdown()).await.unwrap();
+    rec.stop().await;
 }

@@ -13,7 +13,7 @@ mod common;
 use std::{path::PathBuf, process::Command};
 
 use burrow::{HandlerError, Registry, Settings, config::AmqpUrl, internals as connection};
-use common::{node::Node, *};
+use common::{node::Node, recorder::Recorder, *};
 
 /// The password of the node's TLS user: must never show in an error.
 const PASSWORD: &str = "tls-s3cret-pw";
@@ -228,29 +228,21 @@ impl TlsNode {
 
 /// A worker and a publisher over amqps: one event published and handled.
 async fn round_trip(settings: &Settings) {
-    let (tx, mut seen) = seen_channel();
-    let mut registry = Registry::new();
-    registry
-        .on("library.record_card", move |event: CardAdded, ctx| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Seen { event, ctx }).unwrap();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .unwrap();
-    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
-    let publisher = publisher(settings).await;
+    // The app lives on the test's own node: nothing to delete afterwards.
+    let mut rec = Recorder::with_settings(settings.clone())
+        .without_cleanup()
+        .start()
+        .await;
     let event = CardAdded::new("The Dispossessed");
-    within("a confirmed publish over amqps", publisher.publish(&event))
-        .await
-        .expect("the event is confirmed");
-    assert_eq!(next_seen(&mut seen).await.event, event);
-    assert!(next_outcome(&mut outcomes).await.acked);
-    publisher.close().await;
-    within("worker shutdown", worker.shutdown())
-        .await
-        .expect("the worker stops cleanly");
+    within(
+        "a confirmed publish over amqps",
+        rec.publisher.publish(&event),
+    )
+    .await
+    .expect("the event is confirmed");
+    assert_eq!(rec.next_seen().await.event, event);
+    assert!(rec.next_outcome().await.acked);
+    rec.stop().await;
 }
 
 fn connect_error(result: burrow::Result<lapin::Connection>) -> String {

@@ -2,69 +2,18 @@
 //! for deleted entities, `Mismatch` for a queue declared differently — and
 //! the broker is left exactly as it was found.
 //!
-//! Self-contained (no `mod common`): unique app and exchange names per test,
-//! a [`Cleanup`] guard, every wait bounded by [`WAIT`].
+//! Every test has its own app name and exchange, a [`Cleanup`] guard, and
+//! every wait is bounded by [`WAIT`] (see `common`).
 
-use std::{future::Future, time::Duration};
+mod common;
 
-use burrow::{
-    Drift, HandlerError, QueueRole, Registry, Settings, Topology, config::AmqpUrl,
-    internals::verify,
-};
-use chrono::{DateTime, Utc};
+use burrow::{Drift, HandlerError, QueueRole, Registry, Settings, Topology, internals::verify};
+use common::*;
 use lapin::{
     Connection,
-    options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use serde::{Deserialize, Serialize};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CardAdded {
-    aggregate_id: String,
-    occurred_at: DateTime<Utc>,
-}
-
-impl burrow::Event for CardAdded {
-    const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
-}
-
-impl burrow::DomainEvent for CardAdded {
-    fn aggregate_id(&self) -> String {
-        self.aggregate_id.clone()
-    }
-    fn occurred_at(&self) -> DateTime<Utc> {
-        self.occurred_at
-    }
-}
-
-fn settings(prefix: &str) -> Settings {
-    let mut s = Settings::default();
-    s.app.name = unique(&format!("t-{prefix}"));
-    s.amqp.url = AmqpUrl::new(amqp_url());
-    s.amqp.exchange = unique("burrow-test-ex");
-    s.retry.delays = vec![Duration::from_millis(300), Duration::from_millis(600)];
-    s.validate().expect("test settings are valid");
-    s
-}
 
 fn topology(settings: &Settings) -> Topology {
     let mut registry = Registry::new();
@@ -76,93 +25,6 @@ fn topology(settings: &Settings) -> Topology {
     Topology::for_app(settings, &registry)
 }
 
-/// Deletes the topology's queues and exchange when dropped, even on panic.
-struct Cleanup {
-    queues: Vec<String>,
-    exchange: String,
-}
-
-impl Cleanup {
-    fn new(topology: &Topology) -> Self {
-        Self {
-            queues: topology.queues.iter().map(|q| q.name.clone()).collect(),
-            exchange: topology.exchange.clone(),
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.queues);
-        let exchange = std::mem::take(&mut self.exchange);
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async move {
-                let work = async {
-                    let conn = connect().await;
-                    for q in &queues {
-                        let ch = conn.create_channel().await.expect("channel");
-                        if ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await
-                            .is_ok()
-                        {
-                            let _ = ch.close(200, "cleanup".into()).await;
-                        }
-                    }
-                    let ch = conn.create_channel().await.expect("channel");
-                    if ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await
-                        .is_ok()
-                    {
-                        let _ = ch.close(200, "cleanup".into()).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                };
-                if tokio::time::timeout(WAIT, work).await.is_err() {
-                    eprintln!("cleanup timed out");
-                }
-            });
-        });
-        let _ = done.join();
-    }
-}
-
-async fn connect() -> Connection {
-    within(
-        "a connection",
-        burrow::internals::connect(&AmqpUrl::new(amqp_url()), 30, "burrow test (verify)"),
-    )
-    .await
-    .expect("connection")
-}
-
-/// Whether `queue` exists (passive declare on a channel of its own).
-async fn exists(conn: &Connection, queue: &str) -> bool {
-    let ch = conn.create_channel().await.expect("channel");
-    let found = within(
-        "a passive declare",
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .is_ok();
-    if ch.status().connected() {
-        let _ = ch.close(200, "done".into()).await;
-    }
-    found
-}
-
 async fn run_verify(topology: &Topology, conn: &Connection) -> Vec<Drift> {
     within("verify", verify(topology, conn))
         .await
@@ -171,27 +33,31 @@ async fn run_verify(topology: &Topology, conn: &Connection) -> Vec<Drift> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_freshly_declared_topology_has_no_drift() {
-    let settings = settings("verify-fresh");
+    let settings = TestApp::new("verify-fresh").build();
     let topology = topology(&settings);
-    let _cleanup = Cleanup::new(&topology);
-    let conn = connect().await;
-    within("declare", burrow::internals::declare(&topology, &conn))
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    let conn = &raw.conn;
+    within("declare", burrow::internals::declare(&topology, conn))
         .await
         .unwrap();
 
-    assert_eq!(run_verify(&topology, &conn).await, Vec::<Drift>::new());
+    assert_eq!(run_verify(&topology, conn).await, Vec::<Drift>::new());
     // Twice: verifying changed nothing that would make it differ.
-    assert_eq!(run_verify(&topology, &conn).await, Vec::<Drift>::new());
-    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(run_verify(&topology, conn).await, Vec::<Drift>::new());
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_retry_queue_is_missing_and_stays_missing() {
-    let settings = settings("verify-missing");
+    let settings = TestApp::new("verify-missing").build();
     let topology = topology(&settings);
-    let _cleanup = Cleanup::new(&topology);
-    let conn = connect().await;
-    within("declare", burrow::internals::declare(&topology, &conn))
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    let conn = &raw.conn;
+    within("declare", burrow::internals::declare(&topology, conn))
         .await
         .unwrap();
     let retry = topology
@@ -207,7 +73,7 @@ async fn a_deleted_retry_queue_is_missing_and_stays_missing() {
         .unwrap();
     let _ = ch.close(200, "done".into()).await;
 
-    let drifts = run_verify(&topology, &conn).await;
+    let drifts = run_verify(&topology, conn).await;
     assert_eq!(
         drifts,
         vec![Drift::Missing {
@@ -220,18 +86,23 @@ async fn a_deleted_retry_queue_is_missing_and_stays_missing() {
         text.contains(&retry) && text.contains("burrow topology apply"),
         "{text}"
     );
-    assert!(!exists(&conn, &retry).await, "verify must not re-create it");
-    let _ = conn.close(200, "done".into()).await;
+    assert!(
+        !queue_exists(conn, &retry).await,
+        "verify must not re-create it"
+    );
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_declared_is_all_missing() {
-    let settings = settings("verify-none");
+    let settings = TestApp::new("verify-none").build();
     let topology = topology(&settings);
-    let _cleanup = Cleanup::new(&topology);
-    let conn = connect().await;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    let conn = &raw.conn;
 
-    let drifts = run_verify(&topology, &conn).await;
+    let drifts = run_verify(&topology, conn).await;
     let mut expected = vec![Drift::Missing {
         kind: "exchange",
         name: topology.exchange.clone(),
@@ -242,17 +113,23 @@ async fn nothing_declared_is_all_missing() {
     }));
     assert_eq!(drifts, expected);
     for q in &topology.queues {
-        assert!(!exists(&conn, &q.name).await, "verify created {}", q.name);
+        assert!(
+            !queue_exists(conn, &q.name).await,
+            "verify created {}",
+            q.name
+        );
     }
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
-    let settings = settings("verify-classic");
+    let settings = TestApp::new("verify-classic").build();
     let topology = topology(&settings);
-    let _cleanup = Cleanup::new(&topology);
-    let conn = connect().await;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    let conn = &raw.conn;
     let app = settings.app_queue();
 
     // A pre-burrow service declared the app queue as a classic queue.
@@ -271,7 +148,7 @@ async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
     .unwrap();
     let _ = ch.close(200, "done".into()).await;
     // Everything else exists as burrow declares it.
-    let err = within("declare", burrow::internals::declare(&topology, &conn))
+    let err = within("declare", burrow::internals::declare(&topology, conn))
         .await
         .unwrap_err();
     assert!(
@@ -287,11 +164,11 @@ async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
             .collect(),
         ..topology.clone()
     };
-    within("declare the rest", burrow::internals::declare(&rest, &conn))
+    within("declare the rest", burrow::internals::declare(&rest, conn))
         .await
         .unwrap();
 
-    let drifts = run_verify(&topology, &conn).await;
+    let drifts = run_verify(&topology, conn).await;
     assert_eq!(drifts.len(), 1, "{drifts:#?}");
     match &drifts[0] {
         Drift::Mismatch {
@@ -325,5 +202,5 @@ async fn a_queue_predeclared_classic_is_a_mismatch_and_is_left_alone() {
     .await
     .expect("the queue is still classic");
     let _ = ch.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
+    raw.close().await;
 }

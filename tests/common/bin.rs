@@ -2,12 +2,12 @@
 //! environment, its output read to the end or logged to a file, its HTTP
 //! endpoint probed and its `/metrics` text read.
 
-use std::{future::Future, net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, process::Stdio};
 
 use burrow::Settings;
 use tokio::process::{Child, Command};
 
-use super::within;
+use super::{eventually, within};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_burrow");
@@ -129,19 +129,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     }
 }
 
-/// Polls `get` (a `GET path`) until it answers `code`; returns the body.
+/// Polls `get` (a `GET path`) until it answers `code`, for at most
+/// [`WAIT`](super::WAIT); returns the body.
 pub async fn wait_status<F, Fut>(path: &str, code: u16, mut get: F) -> String
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = (u16, String)>,
 {
-    within(&format!("{path} to answer {code}"), async {
-        loop {
-            let (got, body) = get().await;
-            if got == code {
-                return body;
+    eventually(&format!("{path} to answer {code}"), || {
+        let answer = get();
+        async move {
+            match answer.await {
+                (got, body) if got == code => Ok(body),
+                (got, body) => Err(format!("{got}: {body}")),
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     })
     .await

@@ -5,8 +5,11 @@
 //! every queue of each app's topology and the exchange when it is dropped,
 //! which also happens when an assertion panics.
 //!
-//! Waiting is always on an event (outcomes, the worker state, a polled
-//! `basic_get`) bounded by [`WAIT`]; no test sleeps to synchronise.
+//! Waiting is always on an event bounded by [`WAIT`] (or a bound of the
+//! test's own): [`within`] around a future (the next outcome, a handler's
+//! message), [`eventually`] / [`eventually_within`] around a probe of a state
+//! (a queue's count, the worker's state, an endpoint's answer). No test
+//! sleeps to synchronise.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -14,6 +17,7 @@ pub mod bin;
 pub mod deep;
 pub mod node;
 pub mod proxy;
+pub mod recorder;
 
 use std::{future::Future, time::Duration};
 
@@ -183,18 +187,29 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 /// Polls `probe` every 20 ms until it returns `Ok`, for at most [`WAIT`];
 /// on timeout panics naming `what` and the last `Err` the probe gave (the
 /// state it saw instead of the one waited for).
-pub async fn eventually<T, E, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn eventually<T, E, F, Fut>(what: &str, probe: F) -> T
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(what, WAIT, probe).await
+}
+
+/// [`eventually`] with a bound of its own, for the waits that take longer
+/// than [`WAIT`] by design (a reconnect after the backoff grew).
+pub async fn eventually_within<T, E, F, Fut>(what: &str, bound: Duration, mut probe: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
     loop {
         match probe().await {
             Ok(value) => return value,
             Err(last) if tokio::time::Instant::now() >= deadline => {
-                panic!("timed out after {WAIT:?} waiting for {what}; last seen: {last}")
+                panic!("timed out after {bound:?} waiting for {what}; last seen: {last}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -252,6 +267,12 @@ impl TestWorker {
 
     /// [`WorkerHandle::shutdown`].
     pub async fn shutdown(mut self) -> burrow::Result<RunReport> {
+        self.stop().await
+    }
+
+    /// [`WorkerHandle::shutdown`] through a borrow, for a worker that is a
+    /// field of a fixture; the guard is empty afterwards.
+    pub async fn stop(&mut self) -> burrow::Result<RunReport> {
         self.handle.take().expect("worker handle").shutdown().await
     }
 
@@ -333,11 +354,17 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// A raw connection to the shared broker.
     pub async fn connect() -> Self {
+        Self::connect_to(&amqp_url()).await
+    }
+
+    /// A raw connection to the broker at `url` (a node of the test's own).
+    pub async fn connect_to(url: &str) -> Self {
         let conn = within(
             "a raw AMQP connection",
             burrow::internals::connect(
-                &AmqpUrl::new(amqp_url()),
+                &AmqpUrl::new(url.to_owned()),
                 30,
                 "burrow integration test (raw)",
             ),
@@ -391,14 +418,8 @@ impl Raw {
 
     /// Polls `queue` until a message is there, for at most [`WAIT`].
     pub async fn wait_get(&self, queue: &str) -> Delivery {
-        within(&format!("a message in {queue}"), async {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            loop {
-                tick.tick().await;
-                if let Some(d) = self.get(queue).await {
-                    return d;
-                }
-            }
+        eventually(&format!("a message in {queue}"), || async {
+            self.get(queue).await.ok_or("the queue is empty")
         })
         .await
     }
@@ -430,13 +451,34 @@ impl Raw {
         .await
     }
 
+    /// Waits until `queue` holds `expected` ready messages, for at most
+    /// [`WAIT`]; `what` says why the test expects that many.
+    ///
+    /// Polled rather than read once: messages a browse took without acking
+    /// return to a quorum queue only after the browsing channel closed, and
+    /// acks can trail the handler's return. A message really removed or
+    /// duplicated still fails: the count never settles at `expected`.
+    pub async fn wait_ready(&self, queue: &str, expected: u32, what: &str) {
+        eventually(
+            &format!("{what}: {queue} to hold {expected} ready messages"),
+            || async {
+                let ready = ready_count(&self.conn, queue).await;
+                if ready == expected {
+                    Ok(())
+                } else {
+                    Err(format!("{ready} ready"))
+                }
+            },
+        )
+        .await
+    }
+
     pub async fn close(self) {
         let _ = self.channel.close(200, "done".into()).await;
         let _ = self.conn.close(200, "done".into()).await;
     }
 }
 
-/// A string header (long or short string).
 /// The number of ready messages in `queue`, read with a passive declare on a
 /// channel of its own.
 pub async fn ready_count(conn: &Connection, queue: &str) -> u32 {
@@ -462,6 +504,35 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
     (q.message_count(), q.consumer_count())
 }
 
+/// Whether `queue` exists: a passive declare on a channel of its own, which
+/// the broker closes when the queue is missing.
+pub async fn queue_exists(conn: &Connection, queue: &str) -> bool {
+    let channel = conn.create_channel().await.expect("channel");
+    let found = within(
+        &format!("a passive declare of {queue}"),
+        channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .is_ok();
+    if channel.status().connected() {
+        let _ = channel.close(200, "checked".into()).await;
+    }
+    found
+}
+
+/// A header's value as the broker delivered it, for checks of its exact type.
+pub fn header_value<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+/// A string header (long or short string).
 pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
