@@ -81,6 +81,19 @@ pub struct QueueSpec {
 }
 
 impl QueueSpec {
+    /// The queue as an earlier burrow declared it, when that is still
+    /// acceptable: a retry step without `x-delivery-limit`. RabbitMQ cannot
+    /// add the argument to an existing queue, and a retry step needs none
+    /// (nothing consumes it), so such a queue is kept rather than refused.
+    pub(crate) fn as_declared_before(&self) -> Option<QueueSpec> {
+        if !matches!(self.role, QueueRole::Retry(_)) {
+            return None;
+        }
+        let mut older = self.clone();
+        older.arguments.remove("x-delivery-limit")?;
+        Some(older)
+    }
+
     /// The arguments as the AMQP table a `queue.declare` carries.
     pub fn argument_table(&self) -> Result<FieldTable> {
         let mut table = FieldTable::default();
@@ -153,6 +166,12 @@ impl Topology {
             args.insert(
                 "x-message-ttl".into(),
                 ArgValue::Int(step.delay.as_millis() as i64),
+            );
+            // Nothing consumes a retry step, so no delivery counts; set,
+            // RabbitMQ 4 stops defaulting it (and logging so) per queue.
+            args.insert(
+                "x-delivery-limit".into(),
+                ArgValue::Int(DEAD_LETTER_DELIVERY_LIMIT),
             );
             queues.push(QueueSpec {
                 name: step.queue.clone(),
@@ -230,14 +249,7 @@ impl Topology {
 
     /// Declares it on `connection`.
     pub(crate) async fn declare(&self, connection: &Connection) -> Result<()> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| Error::amqp("channel.open (topology)", e))?;
-        let mut result = self.declare_on(&channel).await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "topology declared".into()).await;
-        }
+        let mut result = self.declare_on(connection).await;
         if let Err(Error::TopologyMismatch {
             kind: "queue",
             name,
@@ -307,17 +319,40 @@ impl Topology {
         Ok(())
     }
 
-    async fn declare_on(&self, channel: &Channel) -> Result<()> {
-        declare_exchange_on(channel, &self.exchange).await?;
-        for queue in &self.queues {
-            channel
-                .queue_declare(
-                    short_string("queue name", &queue.name)?,
-                    QueueDeclareOptions::durable(),
-                    queue.argument_table()?,
-                )
+    async fn declare_on(&self, connection: &Connection) -> Result<()> {
+        let open = || async {
+            connection
+                .create_channel()
                 .await
-                .map_err(|e| classify_declare_error("queue", &queue.name, e))?;
+                .map_err(|e| Error::amqp("channel.open (topology)", e))
+        };
+        let mut channel = open().await?;
+        let result = async {
+            declare_exchange_on(&channel, &self.exchange).await?;
+            for queue in &self.queues {
+                let declared = declare_queue_on(&channel, queue).await;
+                let Err(error) = declared else { continue };
+                // The broker closed the channel with the mismatch.
+                channel = open().await?;
+                match queue.as_declared_before() {
+                    Some(older) if declare_queue_on(&channel, &older).await.is_ok() => {
+                        tracing::info!(
+                            queue = %queue.name,
+                            "retry step declared by an earlier burrow without x-delivery-limit; kept as it is \
+                             (nothing consumes a retry step, so no delivery counts against a limit)"
+                        );
+                    }
+                    _ => return Err(error),
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if result.is_err() {
+            if channel.status().connected() {
+                let _ = channel.close(200, "topology declared".into()).await;
+            }
+            return result;
         }
         for binding in &self.bindings {
             channel
@@ -340,8 +375,23 @@ impl Topology {
                     )
                 })?;
         }
+        if channel.status().connected() {
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
         Ok(())
     }
+}
+
+async fn declare_queue_on(channel: &Channel, queue: &QueueSpec) -> Result<()> {
+    channel
+        .queue_declare(
+            short_string("queue name", &queue.name)?,
+            QueueDeclareOptions::durable(),
+            queue.argument_table()?,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| classify_declare_error("queue", &queue.name, e))
 }
 
 /// RabbitMQ checks queue arguments in a fixed order and reports the first

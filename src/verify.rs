@@ -195,6 +195,15 @@ async fn check_queue(queue: &QueueSpec, connection: &Connection) -> Result<Optio
         Ok(()) => return Ok(None),
         Err(e) => mismatch_or_error("queue", &queue.name, e)?,
     };
+    // A retry step an earlier burrow declared without x-delivery-limit is
+    // kept by the worker (`QueueSpec::as_declared_before`): not drift.
+    if let Some(older) = queue.as_declared_before()
+        && declare(QueueDeclareOptions::durable(), older.argument_table()?)
+            .await?
+            .is_ok()
+    {
+        return Ok(None);
+    }
     // RabbitMQ reports the first argument that differs in its own order, so
     // a classic queue met by a quorum declaration shows up as an
     // `x-dead-letter-exchange` mismatch, which no setting can fix. As

@@ -158,3 +158,51 @@ async fn declaring_twice_is_idempotent() {
     publisher.close().await;
     raw.close().await;
 }
+
+/// A retry step declared by an earlier burrow (no `x-delivery-limit`) is
+/// kept: RabbitMQ cannot add the argument to it, and a retry step needs none.
+/// A worker upgraded in place must still start, and verify reports no drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_steps_an_earlier_burrow_declared_are_kept() {
+    let settings = TestApp::new("legacy-retry").build();
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let topology = Topology::for_app(&settings, &registry());
+    let raw = Raw::connect().await;
+    let retry = topology
+        .queues
+        .iter()
+        .find(|q| matches!(q.role, burrow::QueueRole::Retry(_)))
+        .expect("a retry step");
+    let mut args = FieldTable::default();
+    for (key, value) in &retry.arguments {
+        if key == "x-delivery-limit" {
+            continue;
+        }
+        let value = match value {
+            burrow::ArgValue::Str(s) => AMQPValue::LongString(s.as_str().into()),
+            burrow::ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+        };
+        args.insert(key.as_str().into(), value);
+    }
+    raw.channel
+        .queue_declare(
+            retry.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .expect("the retry step as an earlier burrow declared it");
+
+    within(
+        "declare over it",
+        burrow::internals::declare(&topology, &raw.conn),
+    )
+    .await
+    .expect("an upgraded worker starts over the older retry step");
+    let drifts = within("verify", topology.verify(&settings.amqp))
+        .await
+        .expect("verify runs");
+    assert!(drifts.is_empty(), "{drifts:?}");
+    raw.close().await;
+}
