@@ -52,3 +52,19 @@ faults: broker ## fault injection: events lost / handled twice under kills, brok
 .PHONY: rabbitmq4
 rabbitmq4: ## make sure a RabbitMQ 4.0 node answers on 127.0.0.1:5673 beside the machine's broker (builds a Debian trixie root once; as root)
 	bash scripts/ensure-rabbitmq4.sh
+
+# The same suite against RabbitMQ 4.0: the shared-broker tests through
+# AMQP_URL, the tests that start nodes of their own from the 4.0 root
+# (BURROW_TEST_RABBITMQ_ROOT), and rabbitmqctl aimed at the 4.0 node.
+RABBITMQ4_ENV = AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' \
+	BURROW_TEST_RABBITMQ_ROOT="$$(bash scripts/ensure-rabbitmq4.sh root)" \
+	PATH="$$(bash scripts/ensure-rabbitmq4.sh bin):$$PATH"
+
+.PHONY: test-rabbitmq4
+test-rabbitmq4: rabbitmq4 postgres ## run make test's whole suite against RabbitMQ 4.0 (as root)
+	$(RABBITMQ4_ENV) $(CARGO) test $(LOCKED) --all-features --all-targets
+	$(RABBITMQ4_ENV) $(CARGO) test $(LOCKED) --all-features --doc
+
+.PHONY: faults-rabbitmq4
+faults-rabbitmq4: rabbitmq4 ## the fault-injection suite on RabbitMQ 4.0 nodes (FAULTS_N, FAULTS_KILLS)
+	$(RABBITMQ4_ENV) $(CARGO) test $(LOCKED) --all-features --test faults -- --ignored --test-threads=1 --nocapture --skip fault_worker_child

@@ -298,6 +298,105 @@ async fn letters_the_broker_parked_after_the_delivery_limit_are_read_and_replaye
     raw.close().await;
 }
 
+/// A letter the broker parked after its delivery limit carries the broker's
+/// `x-death` naming the app queue. Replayed, its handler fails once: the
+/// copy goes to the retry step and, when the step's TTL expires, back to
+/// the app queue. Had the copy kept that `x-death`, RabbitMQ 3.x would see
+/// a dead-letter cycle (the app queue again) and drop the message there;
+/// it must come back and be handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_broker_parked_letter_survives_a_retry() {
+    let mut settings = settings("dlq-cycle");
+    settings.queue.delivery_limit = 1;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let raw = Raw::connect().await;
+    declare(&settings, &raw).await;
+    let app = settings.app_queue();
+    let dead = settings.dead_letter_queue();
+    let body = br#"{"aggregateId":"c-9","title":"Ubik","occurredAt":"2024-01-01T00:00:00Z"}"#;
+    raw.publish(
+        "",
+        &app,
+        body,
+        BasicProperties::default()
+            .with_message_id("parked-then-flaky".into())
+            .with_type("CardAddedToLibraryEvent".into())
+            .with_delivery_mode(2),
+    )
+    .await;
+    eventually("the broker to park the message", || async {
+        if raw.message_count(&dead).await > 0 {
+            return Ok(());
+        }
+        if let Some(m) = raw
+            .channel
+            .basic_get(app.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            raw.channel
+                .basic_nack(
+                    m.delivery.delivery_tag,
+                    BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        Err("not parked yet")
+    })
+    .await;
+
+    // A worker whose handler fails the first time it sees the event.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    registry
+        .on("library.flaky_once", {
+            let runs = runs.clone();
+            move |_: CardAdded, _: Context| {
+                let runs = runs.clone();
+                async move {
+                    match runs.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(HandlerError::transient("the index is busy")),
+                        _ => Ok(()),
+                    }
+                }
+            }
+        })
+        .unwrap();
+    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
+    let publisher = publisher(&settings).await;
+    let report = within(
+        "dlq replay",
+        dlq::replay(&settings, &publisher, &ReplayFilter::default(), &mut |_| {}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.replayed, 1);
+
+    let first = next_outcome(&mut outcomes).await;
+    assert_eq!(first.message_id, "parked-then-flaky");
+    assert!(first.retried.is_some(), "{first:?}");
+    // Back from the retry step (0.3 s), handled: not dropped as a cycle.
+    let second = next_outcome(&mut outcomes).await;
+    assert_eq!(second.message_id, "parked-then-flaky");
+    assert_eq!(second.attempt, 2);
+    assert_eq!(
+        second.succeeded,
+        vec!["library.flaky_once".to_owned()],
+        "{second:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(raw.message_count(&dead).await, 0, "nothing parked again");
+
+    publisher.close().await;
+    within("worker shutdown", worker.shutdown()).await.unwrap();
+    raw.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_runs_only_the_failed_handler_again_and_empties_the_queue() {
     let settings = settings("dlq-replay");
