@@ -83,10 +83,12 @@ pub mod config;
 mod connection;
 mod consumer;
 pub mod dlq;
+mod doctor;
 mod error;
 mod event;
 mod handler;
 pub mod http;
+mod management;
 mod message;
 mod metrics;
 #[cfg(feature = "otel")]

@@ -16,8 +16,10 @@
 //!
 //! What it cannot check:
 //! - **Bindings.** AMQP 0-9-1 has no way to list bindings, and
-//!   `queue.bind` would create a missing one, so bindings are not checked.
-//!   Use `rabbitmqctl list_bindings` (or the management API) to see them;
+//!   `queue.bind` would create a missing one, so bindings are not checked
+//!   here. `burrow topology verify` and `burrow doctor` compare them through
+//!   the management API when `management.url` is set ([`Drift::Missing`]
+//!   and [`Drift::Unexpected`] of kind `binding`);
 //!   `burrow topology apply` re-creates missing ones.
 //! - **Policies.** A policy may override arguments (delivery limit, TTL,
 //!   ...) without them showing as a mismatch.
@@ -45,7 +47,7 @@ use crate::{
 pub enum Drift {
     /// The entity does not exist on the broker.
     Missing {
-        /// `exchange` or `queue`.
+        /// `exchange`, `queue` or `binding`.
         kind: &'static str,
         /// Its name.
         name: String,
@@ -63,20 +65,32 @@ pub enum Drift {
         /// The value the broker holds.
         existing: String,
     },
+    /// The broker holds an entity burrow does not declare (a binding left
+    /// from a removed handler: the app receives events nothing handles).
+    Unexpected {
+        /// `binding`.
+        kind: &'static str,
+        /// What it is (`exchange -> queue (key)` for a binding).
+        name: String,
+    },
 }
 
 impl Drift {
     /// `exchange` or `queue`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Drift::Missing { kind, .. } | Drift::Mismatch { kind, .. } => kind,
+            Drift::Missing { kind, .. }
+            | Drift::Mismatch { kind, .. }
+            | Drift::Unexpected { kind, .. } => kind,
         }
     }
 
     /// The entity's name.
     pub fn name(&self) -> &str {
         match self {
-            Drift::Missing { name, .. } | Drift::Mismatch { name, .. } => name,
+            Drift::Missing { name, .. }
+            | Drift::Mismatch { name, .. }
+            | Drift::Unexpected { name, .. } => name,
         }
     }
 }
@@ -88,6 +102,12 @@ impl fmt::Display for Drift {
                 f,
                 "{kind} '{name}' is missing on the broker. \
                  Fix: run `burrow topology apply` (or start the worker), which declares it"
+            ),
+            Drift::Unexpected { kind, name } => write!(
+                f,
+                "{kind} '{name}' exists on the broker but burrow does not declare it, so the app \
+                 receives events no handler takes (they are acked unhandled). Fix: remove it \
+                 (`rabbitmqctl` or the management UI) if no handler will take them again"
             ),
             Drift::Mismatch {
                 kind,

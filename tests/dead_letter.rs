@@ -363,3 +363,78 @@ async fn permanent_and_transient_failures_split_into_a_dead_letter_and_a_retry()
     publisher.close().await;
     within("worker shutdown", worker.shutdown()).await.unwrap();
 }
+
+/// A retry step that is gone (deleted behind the worker's back): every copy
+/// comes back unroutable, so the original is never acked, goes back with
+/// `basic.reject`, and once it has come back `queue.delivery_limit` times
+/// the broker parks it in the dead-letter queue. Nothing is lost, and the
+/// loop ends on 3.x and 4.x alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_retry_copy_cannot_be_routed_is_parked_at_the_delivery_limit() {
+    let settings = TestApp::new("dead-refused").build();
+    let step = burrow::Topology::for_app(&settings, &Registry::new())
+        .queues
+        .into_iter()
+        .find(|q| matches!(q.role, burrow::QueueRole::Retry { .. }))
+        .expect("a retry step")
+        .name;
+    let mut rec = Recorder::with_settings(settings)
+        .settings(|s| s.queue.delivery_limit = 2)
+        .verdict(|_| Err(HandlerError::transient("search index unavailable")))
+        .start()
+        .await;
+    let raw = Raw::connect().await;
+    raw.channel
+        .queue_delete(step.as_str().into(), Default::default())
+        .await
+        .expect("delete the first retry step");
+
+    let message_id = unique("msg");
+    rec.publisher
+        .publish_with(
+            &CardAdded::new("Solaris"),
+            EventMeta::default().message_id(&message_id),
+        )
+        .await
+        .unwrap();
+
+    let dead = raw.wait_get(&rec.settings.dead_letter_queue()).await;
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(message_id.as_str())
+    );
+    let reason = match header_value(&dead.properties, "x-death") {
+        Some(lapin::types::AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+            Some(lapin::types::AMQPValue::FieldTable(death)) => match death.inner().get("reason") {
+                Some(lapin::types::AMQPValue::LongString(r)) => {
+                    String::from_utf8_lossy(r.as_bytes()).into_owned()
+                }
+                other => panic!("x-death reason: {other:?}"),
+            },
+            other => panic!("x-death entry: {other:?}"),
+        },
+        other => panic!("x-death: {other:?}"),
+    };
+    assert_eq!(reason, "delivery_limit", "parked by the broker");
+    assert_eq!(
+        header_str(&dead.properties, "burrow-dead-reason"),
+        None,
+        "the original itself, not a copy"
+    );
+
+    // Every delivery came back unacked: the first and the two returns.
+    let mut returns = 0;
+    for _ in 0..3 {
+        let outcome = rec.next_outcome().await;
+        assert_eq!(outcome.message_id, message_id);
+        assert!(!outcome.acked, "a refused copy never acks its original");
+        returns += 1;
+    }
+    assert_eq!(returns, 3);
+    assert_eq!(raw.message_count(&rec.settings.app_queue()).await, 0);
+    assert!(
+        !queue_exists(&raw.conn, &step).await,
+        "nothing declared it again"
+    );
+    raw.close().await;
+}

@@ -10,6 +10,7 @@
 //! | `dlq.rs` | `dlq list|show|export|replay|purge` |
 //! | `outbox.rs` | `outbox relay|audit|status|migrate|cleanup` (feature `postgres`) |
 //! | `demo.rs` | `demo` |
+//! | `doctor.rs` | `doctor` |
 //! | `output.rs` | text or JSON on stdout, redacted; a closed pipe ends quietly |
 //!
 //! Exit codes are [`ExitStatus`]: one table, printed by `burrow --help` and
@@ -17,6 +18,7 @@
 
 mod demo;
 mod dlq;
+mod doctor;
 #[cfg(feature = "postgres")]
 mod outbox;
 mod output;
@@ -198,11 +200,13 @@ pub enum ExitStatus {
     /// A filter or id selected nothing (`dlq show|replay|purge|export`,
     /// `outbox audit`).
     NothingMatched,
+    /// `doctor`: a check failed (a promise is broken until it is fixed).
+    DoctorFailed,
 }
 
 impl ExitStatus {
     /// Every status, in code order.
-    pub const ALL: [ExitStatus; 7] = [
+    pub const ALL: [ExitStatus; 8] = [
         ExitStatus::Ok,
         ExitStatus::Failure,
         ExitStatus::Usage,
@@ -210,6 +214,7 @@ impl ExitStatus {
         ExitStatus::NotConfirmed,
         ExitStatus::Drift,
         ExitStatus::NothingMatched,
+        ExitStatus::DoctorFailed,
     ];
 
     /// The process exit code.
@@ -222,6 +227,7 @@ impl ExitStatus {
             ExitStatus::NotConfirmed => 4,
             ExitStatus::Drift => 5,
             ExitStatus::NothingMatched => 6,
+            ExitStatus::DoctorFailed => 7,
         }
     }
 
@@ -241,6 +247,7 @@ impl ExitStatus {
             ExitStatus::NothingMatched => {
                 "nothing matched: no dead letter with that id or filter, no outbox event of that aggregate"
             }
+            ExitStatus::DoctorFailed => "doctor: a check failed; each failure names its fix",
         }
     }
 
@@ -272,6 +279,9 @@ pub(crate) enum CliError {
         "{0} difference(s) between the declared topology and the broker; run `burrow topology apply` or migrate (docs/operations.md)"
     )]
     Drift(usize),
+    /// `doctor` found failures (exit 7), printed before.
+    #[error("{0} doctor check(s) failed; each names its fix above")]
+    DoctorFailed(usize),
     /// Whoever reads our output went away (`burrow dlq list | head -1`):
     /// not an error, nothing more to say.
     #[error("stdout closed")]
@@ -293,6 +303,7 @@ impl CliError {
             CliError::Usage(_) => ExitStatus::Usage,
             CliError::NothingMatched(_) => ExitStatus::NothingMatched,
             CliError::Drift(_) => ExitStatus::Drift,
+            CliError::DoctorFailed(_) => ExitStatus::DoctorFailed,
             CliError::ClosedPipe => ExitStatus::Ok,
             CliError::Output(_) => ExitStatus::Failure,
         }
@@ -355,6 +366,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Endpoint::Healthz)]
         endpoint: Endpoint,
     },
+    /// Check the broker and settings against what burrow relies on (version,
+    /// feature flags, topology and bindings, delivery limit, ack timeout,
+    /// frame and message sizes); exit 7 if a check fails.
+    Doctor,
     /// Consume until the app queue and in-flight work have been empty for
     /// --idle, then exit 0 (on-demand workers: Fly Machines, Kubernetes Jobs, KEDA ScaledJob).
     Drain {
@@ -468,6 +483,7 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
         Command::Publish(args) => publish::publish(&settings, args, out).await,
         Command::Topology { action } => topology::command(&settings, &registry, action, out).await,
         Command::Dlq { action } => dlq::command(&settings, action, out).await,
+        Command::Doctor => doctor::command(&settings, &registry, out).await,
         #[cfg(feature = "postgres")]
         Command::Outbox { action } => outbox::command(&settings, action, out).await,
         Command::Demo => {
@@ -514,9 +530,10 @@ mod tests {
         assert_eq!(unroutable.status().code(), 3);
         assert_eq!(CliError::Drift(2).status().code(), 5);
         assert_eq!(CliError::NothingMatched(String::new()).status().code(), 6);
+        assert_eq!(CliError::DoctorFailed(1).status().code(), 7);
         assert_eq!(CliError::ClosedPipe.status().code(), 0);
         let codes: Vec<u8> = ExitStatus::ALL.iter().map(|s| s.code()).collect();
-        assert_eq!(codes, (0..7).collect::<Vec<u8>>());
+        assert_eq!(codes, (0..8).collect::<Vec<u8>>());
     }
 
     /// README's table of exit codes is this table.

@@ -15,9 +15,11 @@ pub(super) enum TopologyAction {
     Verify,
 }
 
-/// What AMQP cannot show, and so `verify` does not compare.
-const NOT_CHECKED: &str =
-    "bindings are not visible over AMQP; compare them with `rabbitmqctl list_bindings`";
+/// What AMQP cannot show, and so `verify` compares only through the
+/// management API.
+const NOT_CHECKED: &str = "bindings are not visible over AMQP and management.url is unset; set it to \
+     the management API (e.g. http://rabbitmq:15672) to compare them, or use `rabbitmqctl \
+     list_bindings`";
 
 pub(super) async fn command(
     settings: &Settings,
@@ -44,22 +46,34 @@ pub(super) async fn command(
             let conn = connection::open(&settings.amqp, "burrow topology verify").await?;
             let result = crate::verify::verify(&topology, &conn).await;
             let _ = conn.close(200, "done".into()).await;
-            let drifts = result?;
-            out.line(&format!("({NOT_CHECKED})"))?;
+            let mut drifts = result?;
+            let mut not_checked = Vec::new();
+            match crate::management::Management::new(settings)? {
+                Some(m) => drifts.extend(crate::doctor::binding_drifts(&m, &topology).await?),
+                None => {
+                    out.line(&format!("({NOT_CHECKED})"))?;
+                    not_checked.push(NOT_CHECKED);
+                }
+            }
             for drift in &drifts {
                 out.line(&format!("drift: {drift}"))?;
             }
             out.json(&serde_json::json!({
                 "matches": drifts.is_empty(),
                 "drifts": drifts,
-                "not_checked": [NOT_CHECKED],
+                "not_checked": not_checked,
             }))?;
             if !drifts.is_empty() {
                 return Err(CliError::Drift(drifts.len()));
             }
             out.line(&format!(
-                "exchange and {} queues match the broker",
-                topology.queues.len()
+                "exchange and {} queues match the broker{}",
+                topology.queues.len(),
+                if not_checked.is_empty() {
+                    format!(", and so do {} binding(s)", topology.bindings.len())
+                } else {
+                    String::new()
+                }
             ))
         }
     }

@@ -49,6 +49,9 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     /// The idempotent inbox's retention.
     pub inbox: InboxSettings,
+    /// The broker's management HTTP API, for `burrow doctor` and the
+    /// binding check of `burrow topology verify`.
+    pub management: ManagementSettings,
 }
 
 impl Settings {
@@ -105,7 +108,7 @@ impl Settings {
             .map_err(|e| Error::config("config files", redact_config_error(e.to_string())))?;
         // Known before anything can fail on them: a deserialisation error
         // quotes the offending value, which may be one of these URLs.
-        for key in ["amqp.url", "postgres.url"] {
+        for key in ["amqp.url", "postgres.url", "management.url"] {
             if let Ok(url) = raw.get_string(key) {
                 crate::redact::register_url_password(&url);
             }
@@ -121,6 +124,18 @@ impl Settings {
     /// each with the fix; [`crate::Worker::run`] logs them at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let deadline = self.consumer.ack_deadline(self.publisher.confirm_timeout);
+        if let Some(timeout) = self.consumer.ack_timeout
+            && timeout < deadline
+        {
+            warnings.push(format!(
+                "consumer.ack_timeout = {} is shorter than what a delivery may need ({}: queued behind \
+                 prefetch/concurrency handler runs, its own run, two confirms); the broker would take \
+                 deliveries back that are still being worked on. Raise it or leave it unset",
+                humantime::format_duration(timeout),
+                humantime::format_duration(deadline)
+            ));
+        }
         if self.consumer.concurrency > usize::from(self.consumer.prefetch) {
             warnings.push(format!(
                 "consumer.concurrency = {} exceeds consumer.prefetch = {}: the broker never sends more than \
@@ -221,6 +236,16 @@ impl Settings {
                 "use a positive duration such as \"30s\"",
             );
         }
+        if let Some(timeout) = self.consumer.ack_timeout
+            && timeout < Duration::from_secs(1)
+        {
+            return bad(
+                "consumer.ack_timeout",
+                &humantime::format_duration(timeout),
+                "use a duration of a second or more, or leave it unset for the derived deadline",
+            );
+        }
+        self.management.validate()?;
         self.validate_postgres()
     }
 

@@ -42,23 +42,48 @@ pub(super) fn read_password_file(key: &str, path: &Path) -> Result<String> {
     Ok(password.to_owned())
 }
 
-/// The broker URL. `Display` and `Debug` show it with the password replaced
-/// by `***`; only [`AmqpUrl::expose`] returns the real value, for connecting.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct AmqpUrl(String);
+/// A URL that may carry a password: `Display` and `Debug` show it with its
+/// userinfo replaced by `***` ([`crate::redact::url`]); only `expose`
+/// returns the real value, for connecting.
+macro_rules! secret_url {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a URL.
+            pub fn new(url: impl Into<String>) -> Self {
+                Self(url.into())
+            }
+
+            /// The URL with its password, for the connection only. Never log this.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&crate::redact::url(&self.0))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self)
+            }
+        }
+    };
+}
+
+secret_url!(
+    /// The broker URL (`amqp.url`), `amqp://user:password@host:5672/%2f`.
+    AmqpUrl
+);
 
 impl AmqpUrl {
-    /// Wraps a URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
-
-    /// The URL with its password, for the connection only. Never log this.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
     pub(super) fn validate(&self) -> Result<()> {
         let scheme_ok = self.0.starts_with("amqp://") || self.0.starts_with("amqps://");
         if !scheme_ok {
@@ -90,36 +115,13 @@ impl AmqpUrl {
     }
 }
 
-impl fmt::Display for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::redact::url(&self.0))
-    }
-}
-
-impl fmt::Debug for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AmqpUrl({self})")
-    }
-}
-
-/// The PostgreSQL URL. Like [`AmqpUrl`], `Display` and `Debug` replace the
-/// password with `***`, both `user:password@` and a `password=` query
-/// parameter; only [`DatabaseUrl::expose`] returns the real value.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
+secret_url!(
+    /// The PostgreSQL URL (`postgres.url`); besides `user:password@`, a
+    /// `password=` query parameter is hidden too.
+    DatabaseUrl
+);
 
 impl DatabaseUrl {
-    /// Wraps a URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
-
-    /// The URL with its password, for the connection only. Never log this.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
     /// Whether the URL carries a password (`user:password@` or `password=`).
     pub fn has_password(&self) -> bool {
         url_has_password(&self.0) || self.0.contains("password=")
@@ -139,14 +141,28 @@ impl DatabaseUrl {
     }
 }
 
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::redact::url(&self.0))
-    }
-}
+secret_url!(
+    /// The RabbitMQ management API (`management.url`),
+    /// `http://user:password@host:15672`.
+    ManagementUrl
+);
 
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DatabaseUrl({self})")
+impl ManagementUrl {
+    /// Whether the URL carries a password (`user:password@`).
+    pub fn has_password(&self) -> bool {
+        url_has_password(&self.0)
+    }
+
+    pub(super) fn validate(&self) -> Result<()> {
+        if !(self.0.starts_with("http://") || self.0.starts_with("https://")) {
+            return Err(Error::config(
+                "management.url",
+                format!(
+                    "management.url = {self} is invalid: it must start with http:// or https://, \
+                     e.g. http://user:password@127.0.0.1:15672"
+                ),
+            ));
+        }
+        Ok(())
     }
 }

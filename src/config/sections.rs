@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AmqpUrl, DatabaseUrl, secret::read_password_file};
+use super::{AmqpUrl, DatabaseUrl, ManagementUrl, secret::read_password_file};
 use crate::error::{Error, Result};
 
 /// `[app]`
@@ -219,6 +219,13 @@ pub struct ConsumerSettings {
     /// How long in-flight handlers may run after a shutdown signal.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long a delivery may stay unacknowledged before the broker takes
+    /// it back (the consumer's `x-consumer-timeout`, RabbitMQ 3.12+; older
+    /// brokers apply their own `consumer_timeout`). Unset: long enough for
+    /// everything burrow does with a delivery, see
+    /// [`ConsumerSettings::ack_deadline`].
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Option<Duration>,
 }
 
 impl Default for ConsumerSettings {
@@ -230,7 +237,66 @@ impl Default for ConsumerSettings {
             max_body_bytes: 1024 * 1024,
             max_header_bytes: 64 * 1024,
             shutdown_timeout: Duration::from_secs(25),
+            ack_timeout: None,
         }
+    }
+}
+
+impl ConsumerSettings {
+    /// The longest a delivery can legitimately stay unacknowledged: waiting
+    /// in the prefetch buffer behind `prefetch / concurrency` handler runs,
+    /// its own run, two confirm waits for its copies, and a minute of slack.
+    /// `confirm_timeout` is the publisher's.
+    pub fn ack_deadline(&self, confirm_timeout: Duration) -> Duration {
+        let queued_runs = u32::from(self.prefetch)
+            .div_ceil(self.concurrency.max(1) as u32)
+            .max(1);
+        self.handler_timeout * queued_runs + confirm_timeout * 2 + Duration::from_secs(60)
+    }
+
+    /// `ack_timeout`, or [`ConsumerSettings::ack_deadline`] when unset.
+    pub fn effective_ack_timeout(&self, confirm_timeout: Duration) -> Duration {
+        self.ack_timeout
+            .unwrap_or_else(|| self.ack_deadline(confirm_timeout))
+    }
+}
+
+/// `[management]`: the broker's management HTTP API (the
+/// `rabbitmq_management` plugin). Optional; without it `burrow doctor` says
+/// what it could not check.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagementSettings {
+    /// `http://user:password@host:15672` (or `https://`); unset: not used.
+    pub url: Option<ManagementUrl>,
+    /// A file holding the password (a secret mount); the URL then carries none.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl ManagementSettings {
+    /// The password from `management.password_file`, when set.
+    pub fn password(&self) -> Result<Option<String>> {
+        self.password_file
+            .as_deref()
+            .map(|path| read_password_file("management.password_file", path))
+            .transpose()
+    }
+
+    pub(super) fn validate(&self) -> Result<()> {
+        if let Some(url) = &self.url {
+            crate::redact::register_url_password(url.expose());
+            url.validate()?;
+            if self.password_file.is_some() && url.has_password() {
+                return Err(Error::config(
+                    "management.url",
+                    format!(
+                        "management.url = {url} carries a password and management.password_file is set too; keep one"
+                    ),
+                ));
+            }
+        }
+        self.password()?;
+        Ok(())
     }
 }
 

@@ -187,8 +187,11 @@ pub(crate) trait AckFrame: Send + Sync + std::fmt::Debug + 'static {
     /// Sends `basic.ack` for this delivery, `multiple` or not.
     fn ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<bool>> + Send;
 
-    /// Sends `basic.nack(requeue)` for this delivery alone: it goes back to
-    /// the queue.
+    /// Sends `basic.reject(requeue)` for this delivery: it goes back to the
+    /// queue, and counts as a failed delivery against the quorum queue's
+    /// delivery limit on every RabbitMQ version (from 4.3 a `basic.nack`
+    /// requeue no longer counts, and a message whose copy can never be
+    /// confirmed would come back without end).
     fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send;
 }
 
@@ -198,10 +201,7 @@ impl AckFrame for Acker {
     }
 
     fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send {
-        self.nack(lapin::options::BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
+        self.reject(lapin::options::BasicRejectOptions { requeue: true })
     }
 }
 

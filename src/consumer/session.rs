@@ -145,7 +145,7 @@ impl Worker {
                     wire::short_string("queue name", &queue)?,
                     wire::short_string("consumer tag", &tag)?,
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    consume_arguments(settings),
                 )
                 .await
                 .map_err(|e| Error::amqp(format!("basic.consume on '{queue}'"), e))?;
@@ -298,6 +298,28 @@ pub(super) async fn close(channel: &Channel, conn: &Connection) {
             "the broker did not answer the close; dropping the connection"
         );
     }
+}
+
+/// The consumer's arguments: `x-consumer-timeout`, the broker's deadline
+/// for acknowledging a delivery (RabbitMQ 3.12+; older brokers ignore it and
+/// apply their own `consumer_timeout`). Past it, RabbitMQ closes the channel
+/// (3.x, 4.0-4.2) or cancels the consumer (4.3+) and every unacknowledged
+/// delivery goes back to the queue; the session then ends and the worker
+/// subscribes again. burrow's own handler timeout ends handlers far sooner,
+/// so this fires only for a delivery that is stuck (a handler blocking its
+/// thread), and gives it back within minutes instead of the broker's 30.
+fn consume_arguments(settings: &crate::config::Settings) -> FieldTable {
+    let timeout = settings
+        .consumer
+        .effective_ack_timeout(settings.publisher.confirm_timeout);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-consumer-timeout".into(),
+        lapin::types::AMQPValue::LongLongInt(
+            i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+        ),
+    );
+    arguments
 }
 
 fn consumer_tag(app: &str) -> String {

@@ -5,7 +5,7 @@
 //! Every copy it asks for (a retry step, the dead-letter queue, or both) is
 //! published and confirmed first. Then either the delivery joins the ack
 //! window ([`super::ack`], which sends the `basic.ack`), or, when a copy was
-//! not confirmed, it is returned with `basic.nack(requeue)` here and comes
+//! not confirmed, it is returned with `basic.reject(requeue)` here and comes
 //! back later. Nothing is acked before its copies are confirmed.
 
 use std::{future::Future, pin::Pin};
@@ -34,7 +34,7 @@ use crate::{
 pub(super) enum Settled {
     /// Every copy was confirmed (or none was needed): the delivery may be acked.
     Confirmed,
-    /// A copy was not confirmed: the delivery went back with `basic.nack`.
+    /// A copy was not confirmed: the delivery went back with `basic.reject`.
     Returned,
 }
 
@@ -222,12 +222,21 @@ impl<A: AckFrame> Settler<A> {
         let Err(e) = copied else {
             return Settled::Confirmed;
         };
-        // Not confirmed: the original must stay with the broker. Requeue it;
+        // Not confirmed: the original must stay with the broker. Requeue it
+        // (basic.reject, which counts as a failed delivery on every version);
         // on quorum queues x-delivery-limit bounds the loop and parks the
         // message in the dead-letter queue.
         error!(error = %e, "could not move the message; returning it to the queue");
-        if let Err(e) = acker.requeue().await {
-            warn!(error = %e, "basic.nack failed; the broker will redeliver when the channel closes");
+        match acker.requeue().await {
+            Ok(true) => {}
+            // lapin sent nothing: the delivery's channel is gone (or the
+            // delivery was settled already), and a closed channel returns it.
+            Ok(false) => warn!(
+                "basic.reject not sent: the delivery's channel is closed; the broker redelivers it"
+            ),
+            Err(e) => {
+                warn!(error = %e, "basic.reject failed; the broker will redeliver when the channel closes")
+            }
         }
         Settled::Returned
     }
@@ -344,7 +353,7 @@ mod tests {
         }
     }
 
-    /// Counts requeues (nacks); acks are the ack window's business.
+    /// Counts requeues (rejects); acks are the ack window's business.
     #[derive(Debug, Default, Clone)]
     struct FakeAcker {
         requeued: Arc<Mutex<u32>>,
@@ -503,7 +512,7 @@ mod tests {
     #[tokio::test]
     async fn a_copy_not_confirmed_returns_the_delivery_and_sends_nothing_after_it() {
         // The retry copy fails: the dead-letter copy must not be sent, and
-        // the original goes back with a nack (never an ack).
+        // the original goes back with a reject (never an ack).
         let (settler, copies) = rig(FakeSink {
             fail_at: Some(0),
             ..FakeSink::default()

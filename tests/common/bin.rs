@@ -34,6 +34,18 @@ impl Burrow {
         .with(
             "BURROW_CONFIG_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+        )
+        // The same retry steps as `settings`, so the test's Cleanup deletes
+        // the queues the binary declares.
+        .with(
+            "BURROW__RETRY__DELAYS",
+            &settings
+                .retry
+                .delays
+                .iter()
+                .map(|d| humantime::format_duration(*d).to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         );
         if let Some(http) = settings.http.addr {
             burrow = burrow.with("BURROW__HTTP__ADDR", &http.to_string());

@@ -228,6 +228,8 @@ pub struct Node {
     name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// The management API's port, when the plugin is enabled.
+    management_port: Option<u16>,
     dir: PathBuf,
     /// The watchdog `sh`, leader of the node's process group.
     watchdog: Option<Child>,
@@ -245,10 +247,17 @@ impl Node {
     /// Starts a node and waits until it accepts AMQP connections.
     /// `extra_conf`: extra `rabbitmq.conf` lines (e.g. a TLS listener).
     pub async fn start_with(prefix: &str, extra_conf: &str) -> Node {
-        Self::start_inner(prefix, extra_conf, &random_cookie()).await
+        Self::start_inner(prefix, extra_conf, &random_cookie(), false).await
     }
 
-    async fn start_inner(prefix: &str, extra_conf: &str, cookie: &str) -> Node {
+    /// Starts a node with the management plugin on a loopback port of its
+    /// own ([`Node::management_url`]); returns once the plugin has started
+    /// (`rabbitmqctl wait` waits for the plugins too).
+    pub async fn start_with_management(prefix: &str) -> Node {
+        Self::start_inner(prefix, "", &random_cookie(), true).await
+    }
+
+    async fn start_inner(prefix: &str, extra_conf: &str, cookie: &str, management: bool) -> Node {
         sweep_stale_nodes();
         // Mounts (once) what nodes in a BURROW_TEST_RABBITMQ_ROOT need.
         let _ = rabbitmq_root();
@@ -256,7 +265,7 @@ impl Node {
         // then start again with fresh ports.
         let mut last_error = String::new();
         for _ in 0..3 {
-            let mut node = Node::create(prefix, extra_conf, cookie);
+            let mut node = Node::create(prefix, extra_conf, cookie, management);
             match node.launch_and_wait().await {
                 Ok(()) => return node,
                 Err(e) => last_error = e,
@@ -265,7 +274,7 @@ impl Node {
         panic!("{last_error}");
     }
 
-    fn create(prefix: &str, extra_conf: &str, cookie: &str) -> Node {
+    fn create(prefix: &str, extra_conf: &str, cookie: &str, management: bool) -> Node {
         let short = format!(
             "burrow-{prefix}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -274,7 +283,17 @@ impl Node {
         std::fs::create_dir_all(dir.join("mnesia")).expect("create the node directory");
         std::fs::create_dir_all(dir.join("log")).expect("create the node log directory");
         write_file(&dir.join("owner"), &std::process::id().to_string());
-        write_file(&dir.join("enabled_plugins"), "[].\n");
+        let management_port = management.then(free_port);
+        let (plugins, extra_conf) = match management_port {
+            Some(port) => (
+                "[rabbitmq_management].\n",
+                format!(
+                    "{extra_conf}\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {port}"
+                ),
+            ),
+            None => ("[].\n", extra_conf.to_owned()),
+        };
+        write_file(&dir.join("enabled_plugins"), plugins);
         // Keeps the system's /etc/rabbitmq/rabbitmq-env.conf (node name,
         // ports) out of our node.
         write_file(&dir.join("rabbitmq-env.conf"), "");
@@ -286,6 +305,7 @@ impl Node {
             name: format!("{short}@localhost"),
             amqp_port: free_port(),
             dist_port: free_port(),
+            management_port,
             dir,
             watchdog: None,
             lifeline: None,
@@ -309,6 +329,15 @@ impl Node {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `http://guest:guest@127.0.0.1:<port>` of a node started with
+    /// [`Node::start_with_management`].
+    pub fn management_url(&self) -> String {
+        let port = self
+            .management_port
+            .expect("the node was started with Node::start_with_management");
+        format!("http://guest:guest@127.0.0.1:{port}")
     }
 
     /// The node's directory under `target/test-nodes/`.
@@ -621,9 +650,12 @@ pub async fn cluster(prefix: &str, n: usize) -> Vec<Node> {
     assert!(n >= 1, "a cluster has at least one node");
     let cookie = random_cookie();
     let prefixes: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
-    let nodes: Vec<Node> =
-        futures_util::future::join_all(prefixes.iter().map(|p| Node::start_inner(p, "", &cookie)))
-            .await;
+    let nodes: Vec<Node> = futures_util::future::join_all(
+        prefixes
+            .iter()
+            .map(|p| Node::start_inner(p, "", &cookie, false)),
+    )
+    .await;
     let seed = nodes[0].node_name().to_owned();
     for node in &nodes[1..] {
         node.ctl_ok(&["stop_app"]).await;
