@@ -3,6 +3,8 @@
 //! checked (no management API configured, an endpoint the broker lacks) is
 //! said plainly instead of passed.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::{
@@ -273,23 +275,38 @@ fn ack_timeout_check(settings: &Settings, version: Option<(u32, u32, u32)>) -> C
             Some("raise consumer.ack_timeout or leave it unset".into()),
         );
     }
+    // RabbitMQ's default consumer_timeout; the management API cannot show
+    // a changed one.
+    const BROKER_DEFAULT: Duration = Duration::from_secs(30 * 60);
+    let needed = humantime::format_duration(deadline);
     match version {
-        Some(v) if v < (3, 12, 0) => check(
+        Some(v) if v < (4, 3, 0) && deadline > BROKER_DEFAULT => check(
             "consumer.ack_timeout",
             Status::Warn,
             format!(
-                "this broker ignores the consumer's x-consumer-timeout = {shown} (RabbitMQ 3.12+); its \
-                 own consumer_timeout (default 30m) applies, which the management API does not show"
+                "before RabbitMQ 4.3 the broker's consumer_timeout (30m unless changed) applies to \
+                 quorum queues, not x-consumer-timeout, and a delivery may need {needed}"
             ),
             Some(format!(
-                "keep the broker's consumer_timeout above {shown} (rabbitmq.conf), or upgrade to 3.12 or later"
+                "set consumer_timeout above {needed} in rabbitmq.conf, or lower consumer.handler_timeout or prefetch"
             )),
+        ),
+        Some(v) if v < (4, 3, 0) => check(
+            "consumer.ack_timeout",
+            Status::Pass,
+            format!(
+                "before RabbitMQ 4.3 the broker's consumer_timeout (30m unless changed) applies to \
+                 quorum queues; a delivery needs at most {needed}, so keep consumer_timeout above \
+                 that (x-consumer-timeout = {shown} takes over from 4.3)"
+            ),
+            None,
         ),
         Some(_) => check(
             "consumer.ack_timeout",
             Status::Pass,
             format!(
-                "the consumer asks x-consumer-timeout = {shown}: above any handler_timeout wait, so only a stuck delivery is taken back"
+                "the consumer asks x-consumer-timeout = {shown}: above any wait of a delivery \
+                 ({needed}), so only a stuck one is taken back"
             ),
             None,
         ),
@@ -297,7 +314,8 @@ fn ack_timeout_check(settings: &Settings, version: Option<(u32, u32, u32)>) -> C
             "consumer.ack_timeout",
             Status::NotChecked,
             format!(
-                "the consumer asks x-consumer-timeout = {shown} (honoured from RabbitMQ 3.12); the \
+                "a delivery needs at most {needed}; the consumer asks x-consumer-timeout = {shown} \
+                 (applied from RabbitMQ 4.3, before that the broker's consumer_timeout applies); the \
                  broker's version is {NO_MANAGEMENT}"
             ),
             None,

@@ -1,7 +1,8 @@
 //! Coalesced acks against the real broker: every delivery settled exactly
 //! once, whatever mix of acks, retries and dead letters it is part of; a
 //! delivery stuck in its handler holds nobody else's ack; a shutdown acks
-//! what finished during the drain.
+//! what finished during the drain; one stuck past the broker's consumer
+//! timeout comes back and runs again.
 
 mod common;
 
@@ -169,5 +170,75 @@ async fn a_slow_handler_holds_no_other_ack_and_the_drain_acks_it() {
         0,
         "nothing went back to the queue"
     );
+    raw.close().await;
+}
+
+/// A delivery stuck past the broker's consumer timeout is taken back: the
+/// broker closes the channel (3.x to 4.2) or cancels the consumer (4.3+),
+/// the worker subscribes again on its own, the delivery runs again and is
+/// acked; nothing is lost. The node of its own has `consumer_timeout = 5s`
+/// (the broker-wide setting, what 3.10 to 4.2 apply to quorum queues) and the
+/// consumer asks the same with `consumer.ack_timeout` (`x-consumer-timeout`,
+/// which 4.3 applies first). The broker evaluates timeouts once a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_stuck_past_the_consumer_timeout_is_taken_back_and_runs_again() {
+    let node = common::node::Node::start_with("acks-timeout", "consumer_timeout = 5000").await;
+    let mut settings = TestApp::new("acks-stuck")
+        .handler_timeout(Duration::from_secs(180))
+        .build();
+    settings.amqp.url = burrow::config::AmqpUrl::new(node.url());
+    settings.consumer.ack_timeout = Some(Duration::from_secs(5));
+    settings.amqp.reconnect_max_delay = Duration::from_secs(1);
+
+    let (runs_tx, mut runs) = mpsc::unbounded_channel();
+    let calls = Arc::new(AtomicU64::new(0));
+    let mut registry = Registry::new();
+    registry
+        .on("acks.maybe_stuck", move |_: CardAdded, ctx| {
+            let runs_tx = runs_tx.clone();
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                runs_tx.send(call).unwrap();
+                if call == 0 {
+                    // Stuck: past the consumer timeout, short of the handler timeout.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(170), ctx.shutdown.cancelled())
+                            .await;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .unwrap();
+    let (worker, mut outcomes) = start_worker(settings.clone(), registry).await;
+    let publisher = publisher(&settings).await;
+    publisher.publish(&CardAdded::new("stuck")).await.unwrap();
+    assert_eq!(next_seen(&mut runs).await, 0);
+
+    let again = eventually_within(
+        "the delivery to run again",
+        Duration::from_secs(150),
+        || {
+            let got = runs.try_recv();
+            async move { got.map_err(|e| format!("{e}")) }
+        },
+    )
+    .await;
+    assert_eq!(again, 1);
+    let outcome = eventually_within("the second run's ack", Duration::from_secs(30), || {
+        let got = outcomes.try_recv();
+        async move {
+            match got {
+                Ok(o) if o.acked => Ok(o),
+                Ok(o) => Err(format!("{o:?}")),
+                Err(e) => Err(format!("{e}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(outcome.event_type, "CardAddedToLibraryEvent");
+    publisher.close().await;
+    let _ = within("worker shutdown", worker.shutdown()).await;
+    let raw = Raw::connect_to(&node.url()).await;
+    assert_eq!(raw.resting_count(&settings.app_queue()).await, 0);
     raw.close().await;
 }

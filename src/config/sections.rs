@@ -220,8 +220,9 @@ pub struct ConsumerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// How long a delivery may stay unacknowledged before the broker takes
-    /// it back (the consumer's `x-consumer-timeout`, RabbitMQ 3.12+; older
-    /// brokers apply their own `consumer_timeout`). Unset: long enough for
+    /// it back (the consumer's `x-consumer-timeout`, which RabbitMQ applies
+    /// to quorum queues from 4.3; older brokers apply their own
+    /// `consumer_timeout`, 30 minutes by default). Unset: long enough for
     /// everything burrow does with a delivery, see
     /// [`ConsumerSettings::ack_deadline`].
     #[serde(with = "humantime_serde")]

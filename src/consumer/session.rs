@@ -301,13 +301,14 @@ pub(super) async fn close(channel: &Channel, conn: &Connection) {
 }
 
 /// The consumer's arguments: `x-consumer-timeout`, the broker's deadline
-/// for acknowledging a delivery (RabbitMQ 3.12+; older brokers ignore it and
-/// apply their own `consumer_timeout`). Past it, RabbitMQ closes the channel
-/// (3.x, 4.0-4.2) or cancels the consumer (4.3+) and every unacknowledged
-/// delivery goes back to the queue; the session then ends and the worker
-/// subscribes again. burrow's own handler timeout ends handlers far sooner,
-/// so this fires only for a delivery that is stuck (a handler blocking its
-/// thread), and gives it back within minutes instead of the broker's 30.
+/// for acknowledging a delivery. RabbitMQ applies it to quorum queues from
+/// 4.3; before (3.10 to 4.2, checked on 3.10 and 4.0) the broker-wide
+/// `consumer_timeout` (30 minutes by default) applies and the argument is
+/// ignored. Past the deadline, RabbitMQ closes the channel (3.x, 4.0-4.2)
+/// or cancels the consumer (4.3+) and every unacknowledged delivery goes
+/// back to the queue; the session then ends and the worker subscribes
+/// again. burrow's own handler timeout ends handlers far sooner, so this
+/// fires only for a delivery that is stuck (a handler blocking its thread).
 fn consume_arguments(settings: &crate::config::Settings) -> FieldTable {
     let timeout = settings
         .consumer
