@@ -120,17 +120,19 @@ fn redact_userinfo(text: &str) -> String {
             rest = done;
             continue;
         }
-        // The userinfo cannot run past the end of the line or into the next URL.
-        let limit = tail
-            .find(['\n', '\r'])
-            .unwrap_or(tail.len())
-            .min(tail.find("://").map_or(tail.len(), |next| {
-                // Back up over that URL's scheme.
-                tail[..next]
-                    .rfind(|c: char| !is_scheme_char(c))
-                    .map_or(0, |i| i + 1)
-            }));
-        match tail[..limit].rfind('@') {
+        // The userinfo cannot run past the end of the line or into the next
+        // URL: one whose scheme starts a word. A `://` inside an unencoded
+        // password (`pa&://ss`, `pa ss://x`) is not one when no `@` comes
+        // before it, so the search goes on to the next candidate.
+        let line = tail.find(['\n', '\r']).unwrap_or(tail.len());
+        let mut at = None;
+        for limit in next_url_starts(&tail[..line]).chain([line]) {
+            if let Some(found) = tail[..limit].rfind('@') {
+                at = Some(found);
+                break;
+            }
+        }
+        match at {
             Some(at) => {
                 out.push_str(MASK);
                 rest = &tail[at..];
@@ -140,6 +142,23 @@ fn redact_userinfo(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Where each URL in `text` starts (its scheme's first letter), for a
+/// scheme that begins a word: at the start, or after a space or one of
+/// `"'(<[,;=`.
+fn next_url_starts(text: &str) -> impl Iterator<Item = usize> + '_ {
+    text.match_indices("://").filter_map(move |(pos, _)| {
+        let head = &text[..pos];
+        let start = head
+            .rfind(|c: char| !is_scheme_char(c))
+            .map_or(0, |i| i + 1);
+        let starts_word = start == 0
+            || head[..start].ends_with(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '(' | '<' | '[' | ',' | ';' | '=')
+            });
+        (start < pos && starts_word && ends_with_scheme(head)).then_some(start)
+    })
 }
 
 fn is_scheme_char(c: char) -> bool {
@@ -362,6 +381,10 @@ mod tests {
             "ab:cd%2Fsecret",
             "@@@",
             "/",
+            "?r\\'Jq\\&://L*g[1q~avQ1X$+X#v'.)5",
+            "ab cd://x-secret",
+            "ab\"x://secret",
+            "ab:x://secret",
         ] {
             let url = format!("amqp://user:{password}@127.0.0.1:5672/%2f");
             let hidden = "amqp://***@127.0.0.1:5672/%2f";
@@ -389,10 +412,17 @@ mod tests {
             "amqp://127.0.0.1:5672/%2f",
             "see https://www.rabbitmq.com/docs/confirms for why",
             "user@example.com wrote: no URL here",
-            "not://a scheme? 1://x@y",
         ] {
             assert_eq!(redact_userinfo(text), text);
         }
+    }
+
+    #[test]
+    fn an_at_sign_later_on_a_urls_line_is_taken_as_the_end_of_its_userinfo() {
+        // A password may hold spaces and `://`, so an `@` further along the
+        // line may end one: such text is hidden. Hiding too much loses no
+        // secret; stopping early could print one.
+        assert_eq!(redact_userinfo("not://a scheme? 1://x@y"), "not://***@y");
     }
 
     #[test]
