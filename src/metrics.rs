@@ -8,6 +8,7 @@
 //! | `burrow_handler_duration_seconds` | handler, event | handler run time |
 //! | `burrow_retries_total` | queue, step | copies moved to a retry step |
 //! | `burrow_dead_letters_total` | queue, reason | copies moved to the dead-letter queue |
+//! | `burrow_ack_frames_total` | queue | `basic.ack` frames sent; one covers every completed delivery before it (`multiple`), so deliveries / frames is how well acks coalesce |
 //! | `burrow_publishes_total` | event, outcome | publishes; outcome = confirmed, returned, nacked, failed |
 //! | `burrow_publish_confirm_seconds` | | publish → confirm time |
 //! | `burrow_in_flight` | | deliveries received and not yet settled |
@@ -178,6 +179,7 @@ pub struct Metrics {
     retries: Family<QueueStep, Counter>,
     dead_letters: Family<QueueReason, Counter>,
     publishes: Family<EventOutcome, Counter>,
+    ack_frames: Family<QueueLabel, Counter>,
     confirm_seconds: Histogram,
     in_flight: Gauge,
     connected: Family<QueueLabel, Gauge>,
@@ -220,6 +222,7 @@ impl Metrics {
         let retries = Family::<QueueStep, Counter>::default();
         let dead_letters = Family::<QueueReason, Counter>::default();
         let publishes = Family::<EventOutcome, Counter>::default();
+        let ack_frames = Family::<QueueLabel, Counter>::default();
         let confirm_seconds = duration_histogram();
         let in_flight = Gauge::default();
         let connected = Family::<QueueLabel, Gauge>::default();
@@ -257,6 +260,11 @@ impl Metrics {
             "burrow_dead_letters",
             "Copies moved to the dead-letter queue",
             dead_letters.clone(),
+        );
+        registry.register(
+            "burrow_ack_frames",
+            "basic.ack frames sent (one acks every completed delivery before it)",
+            ack_frames.clone(),
         );
         registry.register(
             "burrow_publishes",
@@ -313,6 +321,7 @@ impl Metrics {
             retries,
             dead_letters,
             publishes,
+            ack_frames,
             confirm_seconds,
             in_flight,
             connected,
@@ -370,6 +379,9 @@ impl Metrics {
         let _ = metrics.connected.get_or_create(&QueueLabel {
             queue: queue.clone(),
         });
+        let _ = metrics.ack_frames.get_or_create(&QueueLabel {
+            queue: queue.clone(),
+        });
         for (handler, event) in &labels.handlers {
             let event = metrics.event_label(event).to_owned();
             for outcome in RunOutcome::ALL {
@@ -413,6 +425,15 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The `burrow_ack_frames_total` counter of `queue`.
+    pub(crate) fn ack_frames(&self, queue: &str) -> Counter {
+        self.ack_frames
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .clone()
     }
 
     pub(crate) fn delivery_received(&self, queue: &str, event: &str) {

@@ -322,6 +322,7 @@ async fn every_known_series_is_exported_at_zero_before_the_first_delivery() {
     want("burrow_in_flight", &[]);
     // One series per app queue: several apps can share one endpoint.
     want("burrow_connected", &[queue]);
+    want("burrow_ack_frames_total", &[queue]);
     assert!(
         missing.is_empty(),
         "series missing from the first scrape: {missing:#?}\n{text}"
@@ -334,6 +335,7 @@ async fn every_known_series_is_exported_at_zero_before_the_first_delivery() {
         "burrow_dead_letters_total",
         "burrow_publishes_total",
         "burrow_ignored_total",
+        "burrow_ack_frames_total",
     ] {
         assert_eq!(metric(&text, family, &[]), 0.0, "{family}\n{text}");
     }

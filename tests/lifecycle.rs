@@ -553,6 +553,14 @@ async fn metrics_count_what_happened_and_readiness_drops_while_draining() {
     assert_eq!(count("burrow_publishes_total", &[]), 2.0);
     assert_eq!(count("burrow_in_flight", &[]), 0.0);
     assert_eq!(count("burrow_connected", &[]), 1.0);
+    // Every settled delivery was acked by some frame, and no frame was sent
+    // for nothing: at least one, at most one per delivery.
+    let deliveries = count("burrow_deliveries_total", &[("queue", &queue)]);
+    let frames = count("burrow_ack_frames_total", &[("queue", &queue)]);
+    assert!(
+        frames >= 1.0 && frames <= deliveries,
+        "{frames} ack frames for {deliveries} deliveries\n{text}"
+    );
 
     // Shutdown with a handler still running: not ready, still alive.
     publisher.publish(&CardAdded::new("hold")).await.unwrap();

@@ -31,12 +31,18 @@
 //! - `soak` (off unless `SOAK_N` > 0): the pipeline with `SOAK_N` events and
 //!   an RSS timeline.
 //!
-//! The baseline does the same work the obvious way: one confirm-mode channel
-//! with a bounded window of outstanding confirms, `basic.qos(prefetch)`, a
-//! `while let Some(delivery) = consumer.next().await` loop that decodes with
-//! serde, calls the same no-op handler and acks each message. Its queue is
-//! declared with the same `x-arguments` as burrow's app queue, so the broker
-//! does the same work for both.
+//! Two hand-written lapin programs do the same work, each with one
+//! confirm-mode channel and a bounded window of outstanding confirms,
+//! `basic.qos(prefetch)` and a `while let Some(delivery) = consumer.next()`
+//! loop that decodes with serde and calls the same no-op handler:
+//!
+//! - the ack-batched loop (side `batched`), the one a competent user
+//!   writes: `basic.ack(multiple)` once `BATCH_K` deliveries are handled or
+//!   as soon as no further delivery is waiting;
+//! - the await-each loop (side `baseline`): awaits every `basic.ack`.
+//!
+//! Their queue is declared with the same `x-arguments` as burrow's app
+//! queue, so the broker does the same work for all sides.
 //!
 //! Environment (all optional): `AMQP_URL`, `N` (100000), `ROUNDS` (3),
 //! `KINDS` (`classic,quorum`), `SCENARIOS` (`pipeline,split,latency,idle,failure`),
@@ -48,8 +54,9 @@
 //! filter printed to stderr, e.g. `burrow::ack=debug`; for inspection, not for
 //! measuring), `PERF` (`<scenario>:<side>,...`: run those children under
 //! `perf record`, not reported), `BASELINE_ACK` (`await` or `spawn`),
-//! `BASELINE_PROPS` (`minimal`, or `burrow`: the baseline publishes burrow's
-//! properties and headers too),
+//! `BASELINE_PROPS` (`minimal`, or `burrow`: the loops publish burrow's
+//! properties and headers too), `BATCH_K` (50), `SIDES`
+//! (`burrow,batched,baseline`),
 //! `BENCH_OUT` (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
 //!
 //! Exchanges and queues are named `bench-<run id>-...`; each child deletes
@@ -151,7 +158,21 @@ fn monotonic_ns() -> u64 {
 #[serde(rename_all = "lowercase")]
 enum Side {
     Burrow,
+    /// The loop a competent user writes: acks with `multiple` every
+    /// `batch_k` deliveries and whenever no delivery is waiting.
+    Batched,
+    /// The first loop anyone writes: awaits every `basic.ack`.
     Baseline,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::Burrow => "burrow",
+            Side::Batched => "ack-batched loop",
+            Side::Baseline => "await-each loop",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -205,6 +226,9 @@ struct Spec {
     /// burrow only: `publisher.channels` (default: burrow's default).
     #[serde(default)]
     channels: Option<usize>,
+    /// Ack-batched loop: deliveries per `basic.ack(multiple)`.
+    #[serde(default)]
+    batch_k: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -247,6 +271,9 @@ struct RunResult {
     hwm_kb: u64,
     /// Publishes that were not confirmed.
     failed_publishes: u64,
+    /// `basic.ack` frames per 10k deliveries (consuming scenarios).
+    #[serde(default)]
+    ack_frames_per_10k: Option<f64>,
     /// Soak: (seconds, messages handled, RSS kB).
     timeline: Vec<(f64, u64, u64)>,
     error: Option<String>,
@@ -501,6 +528,8 @@ struct Sink {
     target: u64,
     done: Notify,
     latency_ns: Vec<AtomicU64>,
+    /// `basic.ack` frames the hand-written loops sent.
+    ack_frames: AtomicU64,
 }
 
 impl Sink {
@@ -511,6 +540,7 @@ impl Sink {
             target,
             done: Notify::new(),
             latency_ns: (0..slots).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            ack_frames: AtomicU64::new(0),
         })
     }
 
@@ -636,7 +666,9 @@ fn entities(spec: &Spec) -> (Vec<String>, Vec<String>) {
                 t.queues.iter().map(|q| q.name.clone()).collect(),
             )
         }
-        Side::Baseline => (vec![baseline_exchange(spec)], vec![baseline_queue(spec)]),
+        Side::Batched | Side::Baseline => {
+            (vec![baseline_exchange(spec)], vec![baseline_queue(spec)])
+        }
     }
 }
 
@@ -747,8 +779,9 @@ async fn queue_depth(ch: &Channel, queue: &str) -> BoxResult<u64> {
 // One value per process: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Consumer {
-    Burrow(WorkerHandle),
+    Burrow(WorkerHandle, burrow::Metrics),
     Baseline {
+        sink: Arc<Sink>,
         conn: Connection,
         channel: Channel,
         task: tokio::task::JoinHandle<()>,
@@ -761,11 +794,12 @@ impl Consumer {
             Side::Burrow => {
                 let worker =
                     burrow::Worker::new(burrow_settings(spec), burrow_registry(sink, mode))?;
+                let metrics = worker.metrics().clone();
                 let mut handle = worker.spawn();
                 tokio::time::timeout(Duration::from_secs(60), handle.consuming()).await??;
-                Ok(Consumer::Burrow(handle))
+                Ok(Consumer::Burrow(handle, metrics))
             }
-            Side::Baseline => {
+            Side::Batched | Side::Baseline => {
                 assert_eq!(mode, Mode::Ok, "the baseline has no failure path");
                 let conn = connect(&spec.url, "baseline consumer").await?;
                 baseline_declare(&conn, spec).await?;
@@ -781,8 +815,21 @@ impl Consumer {
                         FieldTable::default(),
                     )
                     .await?;
-                let task = tokio::spawn(baseline_consume_loop(consumer, sink, spec.ack_spawn));
+                let task = if spec.side == Side::Batched {
+                    tokio::spawn(batched_consume_loop(
+                        consumer,
+                        sink.clone(),
+                        spec.batch_k.max(1),
+                    ))
+                } else {
+                    tokio::spawn(baseline_consume_loop(
+                        consumer,
+                        sink.clone(),
+                        spec.ack_spawn,
+                    ))
+                };
                 Ok(Consumer::Baseline {
+                    sink,
                     conn,
                     channel,
                     task,
@@ -791,12 +838,20 @@ impl Consumer {
         }
     }
 
-    async fn stop(self) -> BoxResult<()> {
+    /// Stops consuming; returns the `basic.ack` frames sent.
+    async fn stop(self) -> BoxResult<u64> {
         match self {
-            Consumer::Burrow(handle) => {
+            Consumer::Burrow(handle, metrics) => {
                 handle.shutdown().await?;
+                let text = metrics.render();
+                Ok(text
+                    .lines()
+                    .filter(|l| l.starts_with("burrow_ack_frames_total"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>() as u64)
             }
             Consumer::Baseline {
+                sink,
                 conn,
                 channel,
                 task,
@@ -804,9 +859,9 @@ impl Consumer {
                 let _ = channel.close(200, "done".into()).await;
                 let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
                 let _ = conn.close(200, "done".into()).await;
+                Ok(sink.ack_frames.load(Ordering::Acquire))
             }
         }
-        Ok(())
     }
 }
 
@@ -818,6 +873,7 @@ async fn baseline_consume_loop(mut consumer: lapin::Consumer, sink: Arc<Sink>, a
         match serde_json::from_slice::<CardAddedToLibraryEvent>(&delivery.data) {
             Ok(event) => {
                 sink.record(&event);
+                sink.ack_frames.fetch_add(1, Ordering::AcqRel);
                 if ack_spawn {
                     tokio::spawn(async move {
                         let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -833,6 +889,52 @@ async fn baseline_consume_loop(mut consumer: lapin::Consumer, sink: Arc<Sink>, a
     }
 }
 
+/// The loop a competent user writes: decode, handle, and ack with
+/// `multiple = true` once `k` deliveries are handled or as soon as no further
+/// delivery is waiting, whichever comes first, so a lone message is acked at
+/// once and a backlog costs one frame per `k`.
+async fn batched_consume_loop(mut consumer: lapin::Consumer, sink: Arc<Sink>, k: u64) {
+    use futures_util::FutureExt as _;
+    let mut pending = 0u64;
+    let mut last: Option<lapin::Acker> = None;
+    let flush = |last: &mut Option<lapin::Acker>, pending: &mut u64| {
+        let acker = last.take();
+        *pending = 0;
+        let sink = sink.clone();
+        async move {
+            if let Some(acker) = acker {
+                sink.ack_frames.fetch_add(1, Ordering::AcqRel);
+                let _ = acker.ack(BasicAckOptions { multiple: true }).await;
+            }
+        }
+    };
+    loop {
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                flush(&mut last, &mut pending).await;
+                consumer.next().await
+            }
+        };
+        let Some(Ok(delivery)) = next else { break };
+        match serde_json::from_slice::<CardAddedToLibraryEvent>(&delivery.data) {
+            Ok(event) => {
+                sink.record(&event);
+                pending += 1;
+                last = Some(delivery.acker);
+                if pending >= k {
+                    flush(&mut last, &mut pending).await;
+                }
+            }
+            Err(_) => {
+                flush(&mut last, &mut pending).await;
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            }
+        }
+    }
+    flush(&mut last, &mut pending).await;
+}
+
 // One value per process: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Pub {
@@ -846,7 +948,7 @@ impl Pub {
             Side::Burrow => Ok(Pub::Burrow(
                 Publisher::connect(&burrow_settings(spec)).await?,
             )),
-            Side::Baseline => {
+            Side::Batched | Side::Baseline => {
                 let conn = connect(&spec.url, "baseline publisher").await?;
                 let channel = conn.create_channel().await?;
                 channel
@@ -1089,13 +1191,14 @@ async fn scenario(spec: &Spec) -> BoxResult<RunResult> {
             r.rss_end_kb = rss_kb();
             r.latency = sink.latency();
             publisher.close().await;
-            consumer.stop().await?;
+            let frames = consumer.stop().await?;
+            r.ack_frames_per_10k = Some(frames as f64 * 10_000.0 / spec.n.max(1) as f64);
             r.timeline = sampler.finish();
         }
         Scenario::Publish => {
             match spec.side {
                 Side::Burrow => burrow_declare(spec).await?,
-                Side::Baseline => {
+                Side::Batched | Side::Baseline => {
                     let conn = connect(&spec.url, "bench setup").await?;
                     baseline_declare(&conn, spec).await?;
                     let _ = conn.close(200, "declared".into()).await;
@@ -1127,7 +1230,8 @@ async fn scenario(spec: &Spec) -> BoxResult<RunResult> {
             start.window(&end, spec.n, &mut r);
             r.rss_load_max_kb = sampler.max();
             r.rss_end_kb = rss_kb();
-            consumer.stop().await?;
+            let frames = consumer.stop().await?;
+            r.ack_frames_per_10k = Some(frames as f64 * 10_000.0 / spec.n.max(1) as f64);
             sampler.finish();
         }
         Scenario::Retry | Scenario::Dead => {
@@ -1150,7 +1254,8 @@ async fn scenario(spec: &Spec) -> BoxResult<RunResult> {
             start.window(&end, spec.n, &mut r);
             r.rss_load_max_kb = sampler.max();
             r.rss_end_kb = rss_kb();
-            consumer.stop().await?;
+            let frames = consumer.stop().await?;
+            r.ack_frames_per_10k = Some(frames as f64 * 10_000.0 / spec.n.max(1) as f64);
             sampler.finish();
             let _ = conn.close(200, "done".into()).await;
         }
@@ -1179,6 +1284,9 @@ struct Config {
     tracing: bool,
     ack_spawn: bool,
     channels: Option<usize>,
+    batch_k: u64,
+    /// The sides to run, in this order within each round.
+    sides: Vec<Side>,
     out: PathBuf,
     timeout_secs: u64,
     /// `scenario:side` pairs whose runs go under `perf record` (not reported).
@@ -1242,6 +1350,19 @@ impl Config {
                 Ok("await") | Err(_) => false,
                 Ok(other) => panic!("BASELINE_ACK={other} is not valid (await, spawn)"),
             },
+            batch_k: env_or("BATCH_K", 50u64).max(1),
+            sides: std::env::var("SIDES")
+                .unwrap_or_else(|_| "burrow,batched,baseline".into())
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| match s {
+                    "burrow" => Side::Burrow,
+                    "batched" => Side::Batched,
+                    "baseline" => Side::Baseline,
+                    other => panic!("unknown side {other:?} (burrow, batched, baseline)"),
+                })
+                .collect(),
             channels: std::env::var("PUB_CHANNELS")
                 .ok()
                 .filter(|v| !v.trim().is_empty())
@@ -1293,6 +1414,7 @@ impl Parent {
             tracing: self.cfg.tracing,
             ack_spawn: self.cfg.ack_spawn,
             channels: self.cfg.channels,
+            batch_k: self.cfg.batch_k,
         }
     }
 
@@ -1395,7 +1517,7 @@ impl Parent {
     fn schedule(&mut self) {
         let kinds = self.cfg.kinds.clone();
         let scenarios = self.cfg.scenarios.clone();
-        let sides = [Side::Burrow, Side::Baseline];
+        let sides = self.cfg.sides.clone();
         for kind in kinds {
             eprintln!("== {kind:?} queues");
             for name in &scenarios {
@@ -1409,13 +1531,13 @@ impl Parent {
                                 }
                                 _ => (Scenario::Idle, 0),
                             };
-                            for side in sides {
+                            for &side in &sides {
                                 let spec = self.spec(side, kind, scenario, round, n);
                                 self.run(&spec);
                             }
                         }
                         "split" => {
-                            for side in sides {
+                            for &side in &sides {
                                 let mut spec =
                                     self.spec(side, kind, Scenario::Publish, round, self.cfg.n);
                                 if self.run(&spec).is_some() {
@@ -1453,7 +1575,7 @@ impl Parent {
         if self.cfg.soak_n > 0 {
             for kind in self.cfg.soak_kinds.clone() {
                 eprintln!("== soak, {kind:?} queues");
-                for side in sides {
+                for &side in &sides {
                     let spec = self.spec(side, kind, Scenario::Soak, 1, self.cfg.soak_n);
                     self.run(&spec);
                 }
@@ -1534,37 +1656,56 @@ fn report(results: &[RunResult], cfg: &Config) -> String {
             })
             .collect()
     };
-    let table = |out: &mut String,
-                 kind: Kind,
-                 scenario: Scenario,
-                 title: &str,
-                 metrics: Vec<Metric>| {
-        let a = pick(kind, scenario, Side::Burrow);
-        let b = pick(kind, scenario, Side::Baseline);
-        if a.is_empty() && b.is_empty() {
-            return;
-        }
-        let _ = writeln!(
-            out,
-            "\n#### {title} — {kind:?} queue ({} + {} runs)\n",
-            a.len(),
-            b.len()
-        );
-        let _ = writeln!(
-            out,
-            "| metric | burrow, median [min–max] | baseline, median [min–max] | burrow / baseline |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|");
-        for (name, digits, f) in metrics {
+    let table =
+        |out: &mut String, kind: Kind, scenario: Scenario, title: &str, metrics: Vec<Metric>| {
+            let sides: Vec<(Side, Vec<&RunResult>)> = [Side::Burrow, Side::Batched, Side::Baseline]
+                .into_iter()
+                .map(|side| (side, pick(kind, scenario, side)))
+                .filter(|(_, runs)| !runs.is_empty())
+                .collect();
+            if sides.is_empty() {
+                return;
+            }
+            let counts: Vec<String> = sides.iter().map(|(_, r)| r.len().to_string()).collect();
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} |",
-                cell(&a, digits, &f),
-                cell(&b, digits, &f),
-                ratio(&a, &b, &f)
+                "\n#### {title} — {kind:?} queue ({} runs)\n",
+                counts.join(" + ")
             );
-        }
-    };
+            let burrow = sides
+                .iter()
+                .find(|(side, _)| *side == Side::Burrow)
+                .map(|(_, runs)| runs.clone());
+            let others: Vec<&(Side, Vec<&RunResult>)> = sides
+                .iter()
+                .filter(|(side, _)| *side != Side::Burrow)
+                .collect();
+            let mut header = String::from("| metric |");
+            let mut rule = String::from("|---|");
+            for (side, _) in &sides {
+                let _ = write!(header, " {}, median [min–max] |", side.label());
+                rule.push_str("---|");
+            }
+            if burrow.is_some() {
+                for (side, _) in &others {
+                    let _ = write!(header, " burrow / {} |", side.label());
+                    rule.push_str("---|");
+                }
+            }
+            let _ = writeln!(out, "{header}\n{rule}");
+            for (name, digits, f) in metrics {
+                let mut row = format!("| {name} |");
+                for (_, runs) in &sides {
+                    let _ = write!(row, " {} |", cell(runs, digits, &f));
+                }
+                if let Some(a) = &burrow {
+                    for (_, runs) in &others {
+                        let _ = write!(row, " {} |", ratio(a, runs, &f));
+                    }
+                }
+                let _ = writeln!(out, "{row}");
+            }
+        };
     let common = || -> Vec<Metric> {
         vec![
             ("throughput, msg/s", 0, Box::new(|r| Some(r.rate))),
@@ -1582,6 +1723,11 @@ fn report(results: &[RunResult], cfg: &Config) -> String {
                 "client + broker CPU, s per 10k msgs",
                 3,
                 Box::new(|r| r.broker_cpu_per_10k.map(|b| b + r.cpu_per_10k)),
+            ),
+            (
+                "ack frames per 10k deliveries",
+                0,
+                Box::new(|r| r.ack_frames_per_10k),
             ),
             (
                 "other processes' CPU during the run, s",
@@ -1789,8 +1935,8 @@ fn machine_header(cfg: &Config) -> String {
         "- machine: {nproc} CPUs (`nproc`), {cpu}; load average at start {}\n\
          - broker: RabbitMQ {broker} on the same machine\n\
          - burrow: commit {rev}{}\n\
-         - settings: N={} events, {} rounds (A B A B, burrow first), window {} unconfirmed, prefetch {}, burrow concurrency 16, \
-         latency at {} msg/s for {} s, FAIL_N={}, BENCH_TRACING={}, BASELINE_ACK={}, BASELINE_PROPS={}",
+         - settings: N={} events, {} rounds (sides alternate in the order {}), window {} unconfirmed, prefetch {}, burrow concurrency 16, \
+         ack-batched loop k={}, latency at {} msg/s for {} s, FAIL_N={}, BENCH_TRACING={}, BASELINE_ACK={}, BASELINE_PROPS={}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -1802,8 +1948,14 @@ fn machine_header(cfg: &Config) -> String {
         },
         cfg.n,
         cfg.rounds,
+        cfg.sides
+            .iter()
+            .map(|s| s.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         cfg.window,
         cfg.prefetch,
+        cfg.batch_k,
         cfg.lat_rate,
         cfg.lat_secs,
         cfg.fail_n,

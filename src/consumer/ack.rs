@@ -42,6 +42,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{consumer::Outcome, metrics::InFlight};
 
 /// How long a ready delivery may wait behind one that is still pending
@@ -250,6 +252,8 @@ struct Inner<A> {
     /// Wakes the timer task: stragglers to time, or the window closing.
     wake: Notify,
     outcomes: broadcast::Sender<Outcome>,
+    /// `burrow_ack_frames_total` of this queue.
+    frames: Counter,
 }
 
 /// One channel's ack window, shared by the consumer loop, the delivery
@@ -276,13 +280,18 @@ impl<A: AckFrame> Clone for Acks<A> {
 }
 
 impl<A: AckFrame> Acks<A> {
-    /// The window of one channel, and its timer task.
-    pub(crate) fn start(outcomes: broadcast::Sender<Outcome>) -> (Acks<A>, JoinHandle<AckStats>) {
+    /// The window of one channel, and its timer task; every `basic.ack`
+    /// frame sent counts in `frames`.
+    pub(crate) fn start(
+        outcomes: broadcast::Sender<Outcome>,
+        frames: Counter,
+    ) -> (Acks<A>, JoinHandle<AckStats>) {
         let acks = Acks {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::default(),
                 wake: Notify::new(),
                 outcomes,
+                frames,
             }),
         };
         let task = tokio::spawn(timer(acks.clone()));
@@ -383,7 +392,7 @@ impl<A: AckFrame> Acks<A> {
                 (batch, singles)
             };
             let mut stats = AckStats::default();
-            send(&mut batch, &mut singles, &self.inner.outcomes, &mut stats).await;
+            send(&mut batch, &mut singles, &self.inner, &mut stats).await;
             let mut state = self.state();
             state.stats.acked += stats.acked;
             state.stats.frames += stats.frames;
@@ -419,25 +428,32 @@ impl<A: AckFrame> Drop for FlusherRole<'_, A> {
 }
 
 /// Sends one frame for `batch` and one per single, and broadcasts their
-/// outcomes; leaves both empty.
+/// outcomes; leaves both empty. A frame is counted in
+/// `burrow_ack_frames_total` before the outcomes it covers are announced.
 async fn send<A: AckFrame>(
     batch: &mut Taken<A>,
     singles: &mut Taken<A>,
-    outcomes: &broadcast::Sender<Outcome>,
+    inner: &Inner<A>,
     stats: &mut AckStats,
 ) {
     if let Some((_, last)) = batch.last() {
         let n = batch.len() as u64;
         let acked = send_ack(&last.acker, n > 1, n).await;
         stats.count(acked, n);
+        if acked {
+            inner.frames.inc();
+        }
         for (_, w) in batch.drain(..) {
-            announce(outcomes, w, acked);
+            announce(&inner.outcomes, w, acked);
         }
     }
     for (_, w) in singles.drain(..) {
         let acked = send_ack(&w.acker, false, 1).await;
         stats.count(acked, 1);
-        announce(outcomes, w, acked);
+        if acked {
+            inner.frames.inc();
+        }
+        announce(&inner.outcomes, w, acked);
     }
 }
 
@@ -722,7 +738,7 @@ mod tests {
     impl Rig {
         fn new(sent: bool) -> Self {
             let (tx, outcomes) = broadcast::channel(64);
-            let (acks, timer) = Acks::start(tx);
+            let (acks, timer) = Acks::start(tx, Counter::default());
             Self {
                 acks,
                 timer: Some(timer),

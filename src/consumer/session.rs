@@ -78,7 +78,7 @@ impl Worker {
         self.metrics.set_connected(&self.settings.app_queue(), true);
         self.state.send_replace(WorkerState::Consuming);
 
-        let (acks, timer) = Acks::start(self.outcomes.clone());
+        let (acks, timer) = Acks::start(self.outcomes.clone(), self.metrics.ack_frames(&queue));
         let settler = Arc::new(Settler::new(
             &self.settings,
             acks.clone(),

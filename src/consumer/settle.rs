@@ -403,7 +403,7 @@ mod tests {
             },
         );
         let (outcomes, _) = broadcast::channel(8);
-        let (acks, _timer) = Acks::start(outcomes.clone());
+        let (acks, _timer) = Acks::start(outcomes.clone(), Default::default());
         let copies = sink.copies.clone();
         let settler = Settler::new(
             &settings,
