@@ -255,7 +255,7 @@ impl Worker {
 
 /// The labels of every series a worker for `settings` and `registry` can
 /// produce, known before the first delivery.
-fn app_labels(settings: &Settings, registry: &Registry) -> AppLabels {
+pub(super) fn app_labels(settings: &Settings, registry: &Registry) -> AppLabels {
     let mut events: Vec<String> = Vec::new();
     let literal_keys = registry
         .binding_keys()

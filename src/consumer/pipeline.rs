@@ -184,6 +184,11 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The handlers this pipeline runs.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// A pipeline over `registry` with the given limits.
     pub fn new(registry: Arc<Registry>, config: PipelineConfig) -> Self {
         let PipelineConfig {

@@ -169,7 +169,8 @@ impl Worker {
     }
 
     /// Takes deliveries until the shutdown signal (`None`) or until the
-    /// consumer ends (`Some(why)`), each settled by a task of its own.
+    /// consumer ends (`Some(why)`). Each is settled in place when it
+    /// completes on its first poll, else by a task of its own.
     async fn consume<F: Future<Output = ()>>(
         &self,
         consumer: &mut Consumer,
@@ -204,10 +205,30 @@ impl Worker {
                     acks.received(delivery.delivery_tag);
                     let settler = settler.clone();
                     let in_flight = self.metrics.delivery_started();
-                    tasks.spawn(async move {
+                    let mut work = Box::pin(async move {
                         settler.handle(delivery, in_flight).await;
                         drop(slot);
                     });
+                    // Most deliveries settle on their first poll: the
+                    // handlers return without waiting and another delivery's
+                    // task is sending the ack frame that will cover this one
+                    // (super::ack). Those need no task of their own, and no
+                    // wake-up of another worker thread to run it. The rest
+                    // (a handler awaiting I/O, this delivery sending the
+                    // frame, a retry copy awaiting its confirm) go on in a
+                    // task; its first poll registers the wakers that count.
+                    // A panic here ends this delivery as a panicking task
+                    // would: unsettled, and not the consumer loop with it.
+                    let mut first = std::task::Context::from_waker(std::task::Waker::noop());
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        work.as_mut().poll(&mut first)
+                    })) {
+                        Ok(std::task::Poll::Ready(())) => report.settled += 1,
+                        Ok(std::task::Poll::Pending) => {
+                            tasks.spawn(work);
+                        }
+                        Err(_) => {}
+                    }
                 }
                 Some(Err(e)) => return Some(format!("consumer error: {e}")),
                 // basic.cancel from the broker (queue deleted, consumer

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     config::Settings,
     error::Result,
-    metrics::{InFlight, Metrics},
+    metrics::{InFlight, Metrics, QueueSeries},
     publisher::Publisher,
     wire::{self, Incoming},
 };
@@ -78,6 +78,8 @@ pub(super) struct Settler<A: AckFrame = Acker> {
     dead_queue: String,
     outcomes: broadcast::Sender<Outcome>,
     metrics: Metrics,
+    /// The app queue's delivery and handler series, resolved at start.
+    series: QueueSeries,
     /// Cancelled when the session drains: handlers see it in their context.
     shutdown: CancellationToken,
 }
@@ -91,7 +93,9 @@ impl<A: AckFrame> Settler<A> {
         outcomes: broadcast::Sender<Outcome>,
         metrics: Metrics,
     ) -> Self {
+        let series = metrics.queue_series(&super::app_labels(settings, pipeline.registry()));
         Self {
+            series,
             acks,
             pipeline,
             copies,
@@ -175,9 +179,9 @@ impl Settler<Acker> {
 impl<A: AckFrame> Settler<A> {
     fn record_metrics(&self, processed: &Processed) {
         let event = processed.incoming.event_type.as_str();
-        self.metrics.delivery_received(&self.queue, event);
+        self.series.delivery_received(event);
         for (run, outcome) in processed.runs.iter().zip(processed.run_outcomes()) {
-            self.metrics
+            self.series
                 .handler_ran(&run.handler, event, outcome, run.duration.as_secs_f64());
         }
         if let Some(r) = processed.settlement.retry() {
