@@ -4,7 +4,7 @@
 //! systems; a crash between them loses the event. With the outbox the app
 //! writes the event into the `event_outbox` table **in the same transaction**
 //! as the aggregate ([`enqueue`]), and a [`Relay`] publishes committed rows to
-//! RabbitMQ through the confirmed [`Publisher`] and marks them published. A
+//! RabbitMQ through the confirmed [`Publisher`](crate::Publisher) and marks them published. A
 //! rolled-back transaction leaves no event; a committed one is published even
 //! if the app dies right after the commit.
 //!
@@ -74,7 +74,7 @@ const ADVISORY_NAMESPACE: i32 = 1_651_864_178;
 /// never if it rolls back.
 ///
 /// The message carries burrow's wire contract like a direct
-/// [`Publisher::publish`]: a fresh UUID as message id and correlation id,
+/// [`Publisher::publish`](crate::Publisher::publish): a fresh UUID as message id and correlation id,
 /// the event type, `occurred_at` as timestamp, the event version header.
 ///
 /// ```no_run

@@ -28,7 +28,7 @@
 //! builds with the `postgres` feature.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -36,8 +36,17 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+mod labels;
+mod series;
+
+pub(crate) use labels::RunOutcome;
+pub(crate) use labels::{AppLabels, OTHER_EVENT, PublishOutcome};
+use labels::{
+    EventOutcome, HandlerEvent, HandlerOutcome, QueueEvent, QueueLabel, QueueReason, QueueStep,
+};
+pub(crate) use series::QueueSeries;
+
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -46,184 +55,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueEvent {
-    queue: String,
-    event: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueLabel {
-    queue: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandlerOutcome {
-    handler: String,
-    event: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandlerEvent {
-    handler: String,
-    event: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueStep {
-    queue: String,
-    step: u32,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueReason {
-    queue: String,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EventOutcome {
-    event: String,
-    outcome: &'static str,
-}
-
-/// How a handler run ended, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// Succeeded.
-    Ok,
-    /// Failed and went to a retry step.
-    Retry,
-    /// Failed and went to the dead-letter queue.
-    Dead,
-}
-
-impl RunOutcome {
-    /// Every outcome, for creating the series at start.
-    pub const ALL: [RunOutcome; 3] = [RunOutcome::Ok, RunOutcome::Retry, RunOutcome::Dead];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Ok => "ok",
-            RunOutcome::Retry => "retry",
-            RunOutcome::Dead => "dead",
-        }
-    }
-}
-
-/// The series one app queue's deliveries touch, resolved at start: counting
-/// a delivery then costs no label allocation and no family lookup. A label
-/// set not known at start (an event type only a pattern binding brings) goes
-/// through the family as before.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct QueueSeries {
-    metrics: Metrics,
-    queue: String,
-    /// `burrow_deliveries_total` by event label.
-    deliveries: HashMap<String, Counter>,
-    /// By handler, then event label.
-    runs: HashMap<String, HashMap<String, HandlerSeries>>,
-}
-
-#[derive(Debug, Clone)]
-struct HandlerSeries {
-    /// `burrow_handler_runs_total`, in [`RunOutcome::ALL`] order.
-    runs: [Counter; 3],
-    duration: Histogram,
-}
-
-impl QueueSeries {
-    /// Counts a delivery of `event`.
-    pub(crate) fn delivery_received(&self, event: &str) {
-        match self.deliveries.get(self.metrics.event_label(event)) {
-            Some(counter) => {
-                counter.inc();
-            }
-            None => self.metrics.delivery_received(&self.queue, event),
-        }
-    }
-
-    /// Counts one run of `handler` on `event`.
-    pub(crate) fn handler_ran(
-        &self,
-        handler: &str,
-        event: &str,
-        outcome: RunOutcome,
-        seconds: f64,
-    ) {
-        let label = self.metrics.event_label(event);
-        match self
-            .runs
-            .get(handler)
-            .and_then(|by_event| by_event.get(label))
-        {
-            Some(series) => {
-                let i = RunOutcome::ALL
-                    .iter()
-                    .position(|o| *o == outcome)
-                    .expect("ALL holds every outcome");
-                series.runs[i].inc();
-                series.duration.observe(seconds);
-            }
-            None => self.metrics.handler_ran(handler, event, outcome, seconds),
-        }
-    }
-}
-
-/// How a publish ended, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PublishOutcome {
-    /// Confirmed by the broker.
-    Confirmed,
-    /// Returned as unroutable.
-    Returned,
-    /// Nacked by the broker.
-    Nacked,
-    /// No confirm: connection lost or timed out.
-    Failed,
-}
-
-impl PublishOutcome {
-    /// Every outcome, for creating the series at start.
-    pub(crate) const ALL: [PublishOutcome; 4] = [
-        PublishOutcome::Confirmed,
-        PublishOutcome::Returned,
-        PublishOutcome::Nacked,
-        PublishOutcome::Failed,
-    ];
-
-    /// The label value.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            PublishOutcome::Confirmed => "confirmed",
-            PublishOutcome::Returned => "returned",
-            PublishOutcome::Nacked => "nacked",
-            PublishOutcome::Failed => "failed",
-        }
-    }
-}
-
-/// The `event` label of anything outside the app's subscribed event types.
-pub(crate) const OTHER_EVENT: &str = "other";
-
-/// What a worker's metrics know at start: the labels of every series to
-/// create at 0, and the only event types that may appear as a label.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AppLabels {
-    /// The app queue.
-    pub queue: String,
-    /// The event types the app subscribes to.
-    pub events: Vec<String>,
-    /// Each handler's name and the event type it decodes.
-    pub handlers: Vec<(String, String)>,
-    /// The retry steps' numbers.
-    pub steps: Vec<u32>,
-    /// Every dead-letter reason's label value.
-    pub reasons: Vec<&'static str>,
-}
 
 /// burrow's metrics. Cheap to clone; all clones update the same values.
 #[derive(Clone)]
@@ -484,57 +315,6 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
-    }
-
-    /// The series of the deliveries on `labels.queue`, looked up once.
-    pub(crate) fn queue_series(&self, labels: &AppLabels) -> QueueSeries {
-        let queue = &labels.queue;
-        let mut series = QueueSeries {
-            metrics: self.clone(),
-            queue: queue.clone(),
-            ..QueueSeries::default()
-        };
-        for event in labels
-            .events
-            .iter()
-            .map(String::as_str)
-            .chain([OTHER_EVENT])
-        {
-            series.deliveries.insert(
-                event.to_owned(),
-                self.deliveries
-                    .get_or_create(&QueueEvent {
-                        queue: queue.clone(),
-                        event: event.to_owned(),
-                    })
-                    .clone(),
-            );
-        }
-        for (handler, event) in &labels.handlers {
-            let event = self.event_label(event).to_owned();
-            let runs = RunOutcome::ALL.map(|outcome| {
-                self.handler_runs
-                    .get_or_create(&HandlerOutcome {
-                        handler: handler.clone(),
-                        event: event.clone(),
-                        outcome: outcome.as_str(),
-                    })
-                    .clone()
-            });
-            let duration = self
-                .handler_duration
-                .get_or_create(&HandlerEvent {
-                    handler: handler.clone(),
-                    event: event.clone(),
-                })
-                .clone();
-            series
-                .runs
-                .entry(handler.clone())
-                .or_default()
-                .insert(event, HandlerSeries { runs, duration });
-        }
-        series
     }
 
     /// The `burrow_ack_frames_total` counter of `queue`.
