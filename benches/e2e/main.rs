@@ -51,7 +51,7 @@
 //! `PREFETCH` (64), `PUB_CHANNELS` (burrow's `publisher.channels`; default:
 //! burrow's default), `BENCH_TRACING` (1: install burrow's default log filter
 //! with a discarding writer, as the `burrow` binary does), `BENCH_LOG` (a log
-//! filter printed to stderr, e.g. `burrow::ack=debug`; for inspection, not for
+//! filter printed to stderr, e.g. `burrow::consumer::ack=debug`; for inspection, not for
 //! measuring), `PERF` (`<scenario>:<side>,...`: run those children under
 //! `perf record`, not reported), `BASELINE_ACK` (`await` or `spawn`),
 //! `BASELINE_PROPS` (`minimal`, or `burrow`: the loops publish burrow's
@@ -1106,7 +1106,7 @@ fn confirm_checker(
 
 fn run_child(spec: Spec) -> RunResult {
     if let Ok(filter) = std::env::var("BENCH_LOG") {
-        // For looking inside a run (e.g. BENCH_LOG=burrow::ack=debug); not
+        // For looking inside a run (e.g. BENCH_LOG=burrow::consumer::ack=debug); not
         // for measuring.
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
