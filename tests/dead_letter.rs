@@ -34,7 +34,8 @@ async fn a_permanent_error_dead_letters_with_headers_and_the_original_body() {
             &event,
             EventMeta::default()
                 .message_id(&message_id)
-                .correlation_id("req-9"),
+                .correlation_id("req-9")
+                .causation_id("cmd-9"),
         )
         .await
         .unwrap();
@@ -107,8 +108,8 @@ async fn a_permanent_error_dead_letters_with_headers_and_the_original_body() {
     );
     assert_eq!(*p.delivery_mode(), Some(2), "the dead letter is persistent");
     assert_eq!(
-        header_i64(p, "burrow-event-version"),
-        Some(1),
+        header_str(p, "burrow-causation-id").as_deref(),
+        Some("cmd-9"),
         "the publisher's headers are kept"
     );
     assert!(

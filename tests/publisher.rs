@@ -82,6 +82,55 @@ async fn publishing_an_event_nobody_binds_is_unroutable() {
         Some("application/json")
     );
     assert_eq!(*delivered.properties.delivery_mode(), Some(2));
+    let message_id = delivered
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .expect("a message id");
+    assert_eq!(
+        delivered
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some(message_id.as_str()),
+        "the correlation id defaults to the message id"
+    );
+    assert_eq!(
+        delivered.properties.app_id().as_ref().map(|s| s.as_str()),
+        Some(settings.app.name.as_str())
+    );
+    // Version 1 is the contract's default and is not sent: with nothing else
+    // to carry, the publisher sends no headers table. What arrives holds only
+    // what the broker adds itself (a quorum queue's x-delivery-count).
+    let sent: Vec<String> = delivered
+        .properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .keys()
+                .map(|k| k.to_string())
+                .filter(|k| !k.starts_with("x-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(sent.is_empty(), "headers sent with a version-1 event: {sent:?}");
+
+    // A causation id still travels as a header, and the version stays
+    // unsent (absent reads as 1).
+    publisher
+        .publish_with(&event, burrow::EventMeta::default().causation_id("cmd-1"))
+        .await
+        .expect("a bound event is confirmed");
+    let caused = raw.wait_get(&settings.app_queue()).await;
+    assert_eq!(
+        header_str(&caused.properties, "burrow-causation-id").as_deref(),
+        Some("cmd-1")
+    );
+    assert_eq!(header_i64(&caused.properties, "burrow-event-version"), None);
 
     raw.close().await;
     publisher.close().await;
