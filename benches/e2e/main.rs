@@ -1034,9 +1034,9 @@ impl Pub {
     }
 }
 
-/// `BASELINE_PROPS=burrow`: the baseline publishes the same properties and
-/// headers as burrow's publisher (correlation id, app id, a headers table with
-/// the event version), so both sides hand the broker identical messages.
+/// `BASELINE_PROPS=burrow`: the loops publish the same properties as
+/// burrow's publisher (a correlation id and an app id besides the minimal
+/// set), so every side hands the broker identical messages.
 /// Default `minimal`: only what an obvious hand-written publisher sets.
 fn baseline_full_props() -> bool {
     static FULL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -1058,12 +1058,11 @@ async fn baseline_publish_one(ch: &Channel, spec: &Spec, seq: u64) -> BoxResult<
         .with_timestamp(Utc::now().timestamp() as u64)
         .with_delivery_mode(2);
     if baseline_full_props() {
-        let mut headers = FieldTable::default();
-        headers.insert("burrow-event-version".into(), AMQPValue::LongLongInt(1));
+        // What burrow's publisher sends for a version-1 event with no
+        // causation id: no headers table.
         props = props
             .with_correlation_id(message_id.as_str().into())
-            .with_app_id("bench".into())
-            .with_headers(headers);
+            .with_app_id("bench".into());
     }
     Ok(ch
         .basic_publish(
