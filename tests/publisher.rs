@@ -117,7 +117,10 @@ async fn publishing_an_event_nobody_binds_is_unroutable() {
                 .collect()
         })
         .unwrap_or_default();
-    assert!(sent.is_empty(), "headers sent with a version-1 event: {sent:?}");
+    assert!(
+        sent.is_empty(),
+        "headers sent with a version-1 event: {sent:?}"
+    );
 
     // A causation id still travels as a header, and the version stays
     // unsent (absent reads as 1).
