@@ -42,7 +42,7 @@ fuzz: ## fuzz the decode and header path (FUZZ_SECONDS, default 60)
 	bash scripts/fuzz.sh
 
 .PHONY: bench
-bench: broker ## benchmark burrow against a hand-written lapin loop (N=20000 make bench for a quick run)
+bench: broker ## benchmark burrow against hand-written lapin loops (N=20000 make bench for a quick run)
 	bash scripts/bench.sh
 
 .PHONY: faults

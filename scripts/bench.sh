@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # `make bench`: the end-to-end benchmark against the broker (burrow vs a
-# hand-written lapin loop, see benches/e2e/main.rs), then the criterion
+# hand-written lapin loops, see benches/e2e/main.rs), then the criterion
 # micro-benchmarks of the consumer's hot path (benches/pipeline.rs).
 #
 # Environment (all optional; see benches/e2e/main.rs for the full list):
 #   AMQP_URL   broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
 #   N          events per run (default 100000; N=20000 for a quick run)
-#   ROUNDS     rounds of A B alternation (default 3)
+#   ROUNDS     rounds of alternation between the sides (default 3)
+#   SIDES      burrow,batched,baseline (default: all three, in that order)
 #   KINDS      queue kinds (default classic,quorum)
 #   SCENARIOS  pipeline,split,latency,idle,failure (default: all of them)
 #   SOAK_N     events of the optional soak (default 0: off; e.g. 1000000)
