@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: the end-to-end benchmark against the broker (burrow vs a
+# `make bench`: the end-to-end benchmark against the broker (burrow vs
 # hand-written lapin loops, see benches/e2e/main.rs), then the criterion
 # micro-benchmarks of the consumer's hot path (benches/pipeline.rs).
 #
