@@ -56,7 +56,8 @@
 //! `perf record`, not reported), `BASELINE_ACK` (`await` or `spawn`),
 //! `BASELINE_PROPS` (`minimal`, or `burrow`: the loops publish burrow's
 //! properties and headers too), `BATCH_K` (50), `SIDES`
-//! (`burrow,batched,baseline`),
+//! (`burrow,batched,baseline`), `CONCURRENCY` (burrow's, 16), `PAD_BYTES`
+//! (filler added to each body, 0),
 //! `BENCH_OUT` (`target/bench_e2e/results.json`), `CHILD_TIMEOUT_SECS` (900).
 //!
 //! Exchanges and queues are named `bench-<run id>-...`; each child deletes
@@ -113,6 +114,20 @@ struct CardAddedToLibraryEvent {
     date_time_occurred: DateTime<Utc>,
     seq: u64,
     sent_at_ns: u64,
+    /// `PAD_BYTES` of filler, for the message-size runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    note: String,
+}
+
+/// `PAD_BYTES` (0): filler added to every event's body.
+fn padding() -> &'static str {
+    static PAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PAD.get_or_init(|| "x".repeat(env_or("PAD_BYTES", 0usize)))
+}
+
+/// `CONCURRENCY` (16): burrow's `consumer.concurrency`.
+fn concurrency() -> usize {
+    env_or("CONCURRENCY", 16usize).max(1)
 }
 
 impl Event for CardAddedToLibraryEvent {
@@ -136,6 +151,7 @@ fn event(seq: u64) -> CardAddedToLibraryEvent {
         date_time_occurred: Utc::now(),
         seq,
         sent_at_ns: monotonic_ns(),
+        note: padding().to_owned(),
     }
 }
 
@@ -616,6 +632,7 @@ fn burrow_settings(spec: &Spec) -> Settings {
     s.retry.delays = vec![Duration::from_secs(3600)];
     s.http.addr = None;
     s.consumer.prefetch = spec.prefetch;
+    s.consumer.concurrency = concurrency();
     s.publisher.max_in_flight = spec.window;
     if let Some(channels) = spec.channels {
         s.publisher.channels = channels;
@@ -1934,7 +1951,7 @@ fn machine_header(cfg: &Config) -> String {
         "- machine: {nproc} CPUs (`nproc`), {cpu}; load average at start {}\n\
          - broker: RabbitMQ {broker} on the same machine\n\
          - burrow: commit {rev}{}\n\
-         - settings: N={} events, {} rounds (sides alternate in the order {}), window {} unconfirmed, prefetch {}, burrow concurrency 16, \
+         - settings: N={} events, {} rounds (sides alternate in the order {}), window {} unconfirmed, prefetch {}, burrow concurrency {}, body padding {} bytes, \
          ack-batched loop k={}, latency at {} msg/s for {} s, FAIL_N={}, BENCH_TRACING={}, BASELINE_ACK={}, BASELINE_PROPS={}",
         load.split_whitespace()
             .take(3)
@@ -1954,6 +1971,8 @@ fn machine_header(cfg: &Config) -> String {
             .join(", "),
         cfg.window,
         cfg.prefetch,
+        concurrency(),
+        padding().len(),
         cfg.batch_k,
         cfg.lat_rate,
         cfg.lat_secs,
