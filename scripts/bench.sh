@@ -12,6 +12,7 @@
 #   SCENARIOS  pipeline,split,latency,idle,failure (default: all of them)
 #   SOAK_N     events of the optional soak (default 0: off; e.g. 1000000)
 #   SKIP_E2E=1 / SKIP_MICRO=1   run only one of the two parts
+#   NODE_REF=0 skip the Node amqplib reference row (benches/node)
 #
 # The report goes to stdout and to target/bench_e2e/report-<time>.md; the
 # raw per-run figures to target/bench_e2e/results.json. The benchmark makes
@@ -35,6 +36,21 @@ if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   # The binary runs each measured side as a child process of its own.
   "$CARGO" bench "${LOCKED[@]}" --quiet --bench e2e | tee "$report"
   echo "report: $report" >&2
+fi
+
+# The reference row: the same workload with Node's amqplib (benches/node),
+# installed here from its lock file. NODE_REF=0 skips it.
+if [[ "${SKIP_E2E:-0}" != 1 && "${NODE_REF:-1}" != 0 ]]; then
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    echo "==> reference: Node amqplib" >&2
+    npm ci --prefix benches/node --no-audit --no-fund --loglevel=error >&2
+    port="$(sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*:?([0-9]*).*#\2#' <<<"$AMQP_URL")"
+    BROKER_PID="$(ss -ltnpH "sport = :${port:-5672}" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)"
+    export BROKER_PID
+    node benches/node/report.mjs | tee -a "$report"
+  else
+    echo "==> reference: Node amqplib skipped (node and npm not installed)" >&2
+  fi
 fi
 
 if [[ "${SKIP_MICRO:-0}" != 1 ]]; then
