@@ -246,16 +246,14 @@ impl Metrics {
     fn prime(&self, labels: &AppLabels) {
         let metrics = self;
         let queue = &labels.queue;
+        // The delivery and handler series, as a session resolves them.
+        let _ = metrics.queue_series(labels);
         for event in labels
             .events
             .iter()
             .map(String::as_str)
             .chain([OTHER_EVENT])
         {
-            let _ = metrics.deliveries.get_or_create(&QueueEvent {
-                queue: queue.clone(),
-                event: event.to_owned(),
-            });
             for outcome in PublishOutcome::ALL {
                 let _ = metrics.publishes.get_or_create(&EventOutcome {
                     event: event.to_owned(),
@@ -272,20 +270,6 @@ impl Metrics {
         let _ = metrics.ack_frames.get_or_create(&QueueLabel {
             queue: queue.clone(),
         });
-        for (handler, event) in &labels.handlers {
-            let event = metrics.event_label(event).to_owned();
-            for outcome in RunOutcome::ALL {
-                let _ = metrics.handler_runs.get_or_create(&HandlerOutcome {
-                    handler: handler.clone(),
-                    event: event.clone(),
-                    outcome: outcome.as_str(),
-                });
-            }
-            let _ = metrics.handler_duration.get_or_create(&HandlerEvent {
-                handler: handler.clone(),
-                event,
-            });
-        }
         for &step in &labels.steps {
             let _ = metrics.retries.get_or_create(&QueueStep {
                 queue: queue.clone(),
