@@ -20,6 +20,11 @@ use crate::{
 
 /// Milliseconds to wait for the TCP and AMQP handshake when the URL does not
 /// say (`?connection_timeout=`); without one a blackholed broker hangs start-up.
+///
+/// lapin applies `connection_timeout` to the TCP connect alone; the AMQP
+/// handshake after it (start, tune, open) is bounded here by the same figure,
+/// so that a socket that accepts and then stays silent (a blackhole, a broker
+/// stuck on boot) fails the connect instead of holding it for ever.
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 
 /// Opens a connection named `name` as `[amqp]` describes: URL, heartbeat and TLS.
@@ -74,9 +79,29 @@ async fn connect_uri(
         url: url.to_string(),
         source,
     })?;
-    Connection::connect_uri_with_config(uri, properties, tls_config, runtime)
-        .await
-        .map_err(|source| connect_error(url, tls, source))
+    let limit = std::time::Duration::from_millis(
+        uri.query
+            .connection_timeout
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+    );
+    // The TCP connect has this limit inside lapin; the whole handshake gets
+    // it again here (see DEFAULT_CONNECT_TIMEOUT_MS).
+    let connecting = Connection::connect_uri_with_config(uri, properties, tls_config, runtime);
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(connected) => connected.map_err(|source| connect_error(url, tls, source)),
+        Err(_) => Err(Error::Connect {
+            url: url.to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the AMQP handshake did not finish within {limit:?}; the broker accepted \
+                     the TCP connection but did not answer (is something between here and the \
+                     broker dropping traffic, or is the broker still booting?)"
+                ),
+            )
+            .into(),
+        }),
+    }
 }
 
 /// Tells a refused TLS handshake apart from an unreachable broker. rustls

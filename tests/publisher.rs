@@ -2,8 +2,10 @@
 
 mod common;
 
-use burrow::{Error, HandlerError, Registry, Topology};
-use common::*;
+use std::time::Duration;
+
+use burrow::{Error, HandlerError, Registry, Topology, config::AmqpUrl};
+use common::{proxy::Proxy, *};
 
 /// Declares the app's topology (exchange, queues, a binding for
 /// `CardAddedToLibraryEvent`) without running a worker.
@@ -219,4 +221,81 @@ async fn a_batch_reports_the_index_of_each_unroutable_event() {
 
     raw.close().await;
     publisher.close().await;
+}
+
+/// A publish on a connection that went silent ends with the publisher's
+/// confirm timeout; it does not wait for ever in the pool checkout (opening
+/// a channel or a connection through the silence) or the frame write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_through_a_silent_network_ends_at_the_confirm_timeout() {
+    let proxy = Proxy::start(common::proxy::shared_broker_addr()).await;
+    let mut settings = TestApp::new("silent").build();
+    settings.amqp.url = AmqpUrl::new(proxy.url());
+    // Longer than the confirm timeout: only the publish's own deadline can
+    // end the wait first.
+    settings.amqp.heartbeat = 30;
+    settings.publisher.confirm_timeout = Duration::from_secs(3);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    declare(&settings).await;
+    let publisher = publisher(&settings).await;
+    publisher
+        .publish(&CardAdded::new("before"))
+        .await
+        .expect("confirmed before the fault");
+
+    // The pooled channel is gone with its connection, and the new
+    // connection's handshake meets a network that carries nothing.
+    proxy.cut();
+    proxy.blackhole(true);
+    let err = within(
+        "a publish through a blackhole to give up",
+        publisher.publish(&CardAdded::new("into the silence")),
+    )
+    .await
+    .expect_err("nothing can be confirmed through a blackhole");
+    assert!(
+        matches!(err, Error::ConfirmTimeout { .. }),
+        "expected Error::ConfirmTimeout, got {err:?}"
+    );
+    assert!(err.is_retryable(), "the caller may publish it again: {err}");
+
+    // Once the network carries bytes again the same publisher recovers.
+    proxy.blackhole(false);
+    let raw = Raw::connect().await;
+    eventually("a publish after the blackhole to be confirmed", || async {
+        publisher.publish(&CardAdded::new("after")).await
+    })
+    .await;
+    let mut titles = Vec::new();
+    while titles.len() < 2 {
+        let d = raw.wait_get(&settings.app_queue()).await;
+        let title = serde_json::from_slice::<CardAdded>(&d.data).unwrap().title;
+        if title != "into the silence" {
+            titles.push(title);
+        }
+    }
+    titles.sort();
+    assert_eq!(titles, vec!["after", "before"]);
+    raw.close().await;
+    publisher.close().await;
+}
+
+/// Opening a connection to a socket that accepts and then stays silent
+/// fails with the connect timeout, naming the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_silent_broker_fails_at_the_connect_timeout() {
+    let proxy = Proxy::start(common::proxy::shared_broker_addr()).await;
+    proxy.blackhole(true);
+    let url = AmqpUrl::new(format!("{}?connection_timeout=1000", proxy.url()));
+    let err = within(
+        "a connect through a blackhole to give up",
+        burrow::internals::connect(&url, 30, "burrow silent-broker test"),
+    )
+    .await
+    .expect_err("no handshake can finish through a blackhole");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("handshake") && text.contains("1s"), "{text}");
+    assert!(err.is_retryable(), "{err}");
 }

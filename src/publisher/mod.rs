@@ -337,7 +337,14 @@ impl Publisher {
     ) -> Result<()> {
         let exchange_name = short_string("exchange name", exchange)?;
         let key = short_string("routing key", routing_key)?;
-        let confirm = {
+        let timed_out = || Error::ConfirmTimeout {
+            routing_key: routing_key.to_owned(),
+            timeout: self.inner.confirm_timeout,
+        };
+        // The deadline bounds the whole send, not the confirm alone: the
+        // checkout may be opening a channel (or a connection) on a socket
+        // that has gone silent, and the frame write may wait on it too.
+        let writing = async {
             let channel = self.inner.pool.get().await.map_err(|e| match e {
                 managed::PoolError::Backend(e) => e,
                 managed::PoolError::Closed => Error::PublisherClosed,
@@ -362,15 +369,15 @@ impl Publisher {
                         format!("basic.publish to '{exchange}' key '{routing_key}'"),
                         e,
                     )
-                })?
+                })
             // The channel goes back to the pool here; the confirm is awaited without it.
         };
+        let confirm = tokio::time::timeout_at(deadline.into(), writing)
+            .await
+            .map_err(|_| timed_out())??;
         let confirmation = tokio::time::timeout_at(deadline.into(), confirm)
             .await
-            .map_err(|_| Error::ConfirmTimeout {
-                routing_key: routing_key.to_owned(),
-                timeout: self.inner.confirm_timeout,
-            })?
+            .map_err(|_| timed_out())?
             .map_err(|e| {
                 Error::amqp(
                     format!("publisher confirm for '{exchange}' key '{routing_key}'"),
