@@ -286,7 +286,14 @@ pub(super) fn app_labels(settings: &Settings, registry: &Registry) -> AppLabels 
             .map(|h| (h.name().to_owned(), h.event_type().to_owned()))
             .collect(),
         reasons: DeadReason::ALL.iter().map(|r| r.as_str()).collect(),
+        queues: queue_names(settings, registry),
     }
+}
+
+/// The app's queues, in the topology's order: app queue, retry steps, dead letters.
+fn queue_names(settings: &Settings, registry: &Registry) -> Vec<String> {
+    let topology = Topology::for_app(settings, registry);
+    topology.queues.into_iter().map(|q| q.name).collect()
 }
 
 /// The wait before the first reconnection attempt (an upper bound: jittered).

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     connection,
     error::{Error, Result},
+    metrics::QueueDepths,
     publisher::Publisher,
     wire,
 };
@@ -49,7 +50,8 @@ pub(super) const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 /// A subscribed consumer on its own connection.
 struct Subscribed {
-    conn: Connection,
+    /// Shared with the queue-depth refresh, which reads on a channel of its own.
+    conn: Arc<Connection>,
     channel: Channel,
     consumer: Consumer,
     tag: String,
@@ -74,6 +76,14 @@ impl Worker {
             }
         };
         let queue = self.settings.app_queue();
+        // Before readiness, so the first scrape shows the queues' depths;
+        // stopped before the connection closes.
+        let depths = QueueDepths::start(
+            sub.conn.clone(),
+            super::queue_names(&self.settings, &self.registry),
+            &self.metrics,
+        )
+        .await;
         info!(queue = %queue, consumer_tag = %sub.tag, handlers = self.registry.len(), "consuming");
         self.metrics.set_connected(&self.settings.app_queue(), true);
         self.state.send_replace(WorkerState::Consuming);
@@ -110,6 +120,7 @@ impl Worker {
         self.drain(&mut tasks, report, deadline).await;
         // Every task has ended: ack what is ready while the channel is open.
         acks.finish(timer).await;
+        drop(depths);
         close(&sub.channel, &sub.conn).await;
         match lost_reason {
             None => SessionEnd::Shutdown,
@@ -154,7 +165,7 @@ impl Worker {
         .await;
         match opened {
             Ok((channel, consumer)) => Ok(Subscribed {
-                conn,
+                conn: Arc::new(conn),
                 channel,
                 consumer,
                 tag,

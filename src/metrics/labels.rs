@@ -120,4 +120,6 @@ pub(crate) struct AppLabels {
     pub steps: Vec<u32>,
     /// Every dead-letter reason's label value.
     pub reasons: Vec<&'static str>,
+    /// The app's queues: the app queue, each retry step, the dead-letter queue.
+    pub queues: Vec<String>,
 }

@@ -13,6 +13,8 @@
 //! | `burrow_publish_confirm_seconds` | | publish → confirm time |
 //! | `burrow_in_flight` | | deliveries received and not yet settled |
 //! | `burrow_connected` | queue | 1 while the worker of that app queue consumes, else 0 |
+//! | `burrow_queue_messages` | queue | ready messages in each of the app's queues (app, retry steps, dead letters), as of the last passive declare |
+//! | `burrow_queue_consumers` | queue | consumers of each of the app's queues, likewise |
 //! | `burrow_outbox_pending` | | outbox events not yet published (feature `postgres`) |
 //! | `burrow_outbox_lag_seconds` | | age of the oldest pending outbox event, 0 when none |
 //! | `burrow_outbox_relayed_total` | event, outcome | outbox publishes; outcome = published, failed |
@@ -22,7 +24,7 @@
 //! (queues) and the event types the app subscribes to; any other event type
 //! is counted as `other`, so no message a publisher sends can create a
 //! series. Every series whose labels are known at start (each subscribed
-//! event, handler, outcome, retry step and dead-letter reason) is created
+//! event, handler, outcome, retry step, dead-letter reason and queue) is created
 //! at 0 by [`Metrics::for_app`], so dashboards and `rate()`/`absent()`
 //! alerts see it from the first scrape. The outbox families exist only in
 //! builds with the `postgres` feature.
@@ -33,17 +35,22 @@ use std::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
 };
 
+mod in_flight;
 mod labels;
+pub(crate) mod queues;
 mod series;
+
+pub(crate) use in_flight::InFlight;
+use in_flight::now_ms;
 
 pub(crate) use labels::RunOutcome;
 pub(crate) use labels::{AppLabels, OTHER_EVENT, PublishOutcome};
 use labels::{
     EventOutcome, HandlerEvent, HandlerOutcome, QueueEvent, QueueLabel, QueueReason, QueueStep,
 };
+pub(crate) use queues::QueueDepths;
 pub(crate) use series::QueueSeries;
 
 use prometheus_client::{
@@ -73,6 +80,7 @@ pub struct Metrics {
     confirm_seconds: Histogram,
     in_flight: Gauge,
     connected: Family<QueueLabel, Gauge>,
+    queues: queues::QueueGauges,
     last_settled_ms: Arc<AtomicI64>,
     outbox_pending: Gauge,
     outbox_lag_seconds: Gauge<f64, AtomicU64>,
@@ -176,6 +184,7 @@ impl Metrics {
             "1 while the worker is consuming",
             connected.clone(),
         );
+        let queues = queues::QueueGauges::register(&mut registry);
         // The outbox exists only with the `postgres` feature; a build
         // without it exports no outbox series that could only ever read 0.
         #[cfg(feature = "postgres")]
@@ -215,6 +224,7 @@ impl Metrics {
             confirm_seconds,
             in_flight,
             connected,
+            queues,
             last_settled_ms: Arc::new(AtomicI64::new(now_ms())),
             outbox_pending,
             outbox_lag_seconds,
@@ -276,6 +286,7 @@ impl Metrics {
                 step,
             });
         }
+        metrics.queues.prime(&labels.queues);
         for &reason in &labels.reasons {
             let _ = metrics.dead_letters.get_or_create(&QueueReason {
                 queue: queue.clone(),
@@ -409,21 +420,6 @@ impl Metrics {
         self.outbox_pending.get()
     }
 
-    /// Counts a delivery in flight until the returned guard is dropped.
-    ///
-    /// The guard travels with the delivery to the place its settlement is
-    /// final (the ack frame sent, the nack sent, or the task abandoned), and
-    /// is dropped there *before* the delivery's outcome is announced: whoever
-    /// sees an outcome, or scrapes after one, never sees that delivery
-    /// counted in flight.
-    pub(crate) fn delivery_started(&self) -> InFlight {
-        self.in_flight.inc();
-        InFlight {
-            in_flight: self.in_flight.clone(),
-            last_settled_ms: self.last_settled_ms.clone(),
-        }
-    }
-
     pub(crate) fn set_connected(&self, queue: &str, connected: bool) {
         self.connected
             .get_or_create(&QueueLabel {
@@ -451,29 +447,6 @@ impl Metrics {
     pub fn millis_since_last_settlement(&self) -> i64 {
         now_ms().saturating_sub(self.last_settled_ms.load(Ordering::Relaxed))
     }
-}
-
-/// One delivery counted in `burrow_in_flight`; dropping it settles the count
-/// exactly once, whichever way the delivery ended (acked, nacked, its task
-/// aborted at the shutdown deadline).
-#[derive(Debug)]
-pub(crate) struct InFlight {
-    in_flight: Gauge,
-    last_settled_ms: Arc<AtomicI64>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.in_flight.dec();
-        self.last_settled_ms.store(now_ms(), Ordering::Relaxed);
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -533,6 +506,7 @@ mod tests {
             handlers: vec![("feeds.add".into(), "CardAddedToLibraryEvent".into())],
             steps: vec![1, 2],
             reasons: vec!["permanent", "undecodable"],
+            queues: vec!["events_a".into(), "events_a.dead".into()],
         }
     }
 
@@ -553,6 +527,8 @@ mod tests {
             r#"burrow_dead_letters_total{queue="events_a",reason="undecodable"} 0"#,
             r#"burrow_publishes_total{event="CardAddedToLibraryEvent",outcome="confirmed"} 0"#,
             r#"burrow_publishes_total{event="other",outcome="failed"} 0"#,
+            r#"burrow_queue_messages{queue="events_a.dead"} 0"#,
+            r#"burrow_queue_consumers{queue="events_a"} 0"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
@@ -581,19 +557,5 @@ mod tests {
             "CardAddedToLibraryEvent"
         );
         assert_eq!(Metrics::new().event_label("Anything"), "Anything");
-    }
-
-    #[test]
-    fn the_in_flight_guard_counts_once_however_the_delivery_ends() {
-        let m = Metrics::new();
-        let a = m.delivery_started();
-        let b = m.delivery_started();
-        assert_eq!(m.in_flight(), 2);
-        drop(a);
-        assert_eq!(m.in_flight(), 1);
-        // A task aborted at the shutdown deadline drops its guard too.
-        let task = std::thread::spawn(move || drop(b));
-        task.join().unwrap();
-        assert_eq!(m.in_flight(), 0);
     }
 }
