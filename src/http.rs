@@ -7,6 +7,8 @@
 //! - `GET /readyz` — readiness: 200 only while consuming (connected,
 //!   topology declared); 503 while starting, reconnecting or draining.
 //! - `GET /metrics` — Prometheus text ([`crate::metrics`]).
+//! - `/console` — the operator console ([`crate::console`]), when `burrow
+//!   run` serves it.
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -69,8 +71,12 @@ pub async fn serve(
         addr: "(unbound)".into(),
         source,
     })?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    axum::serve(listener, router)
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics and /console");
+    // The peer address reaches the handlers: the console's audit log names it.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| Error::HttpServe {

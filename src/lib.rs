@@ -80,6 +80,7 @@
 mod backoff;
 pub mod cli;
 pub mod config;
+pub mod console;
 mod connection;
 mod consumer;
 pub mod dlq;

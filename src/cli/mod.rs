@@ -16,6 +16,7 @@
 //! Exit codes are [`ExitStatus`]: one table, printed by `burrow --help` and
 //! in the README.
 
+mod console;
 mod demo;
 mod dlq;
 mod doctor;
@@ -348,6 +349,13 @@ enum Command {
     /// events (one undecodable, one whose handler fails once), print what
     /// happened, delete them.
     Demo,
+    /// Serve the operator console (queues, dead letters, replay, purge) for
+    /// the app, without a worker; `burrow run` serves it at /console too.
+    Console {
+        /// Where to listen; a non-loopback address needs http.console_token.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        addr: std::net::SocketAddr,
+    },
     /// Inspect, export, replay and purge the app's dead letters (events_<app>.dead).
     Dlq {
         #[command(subcommand)]
@@ -452,6 +460,8 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
             action: outbox::OutboxAction::Relay,
         } => settings.log.filter.clone(),
         Command::Demo => "error,lapin=off".to_owned(),
+        // The console's audit lines are its record of who did what.
+        Command::Console { .. } => "warn,burrow::console=info,lapin=off".to_owned(),
         // lapin logs a channel closed by the broker as an error, even the
         // expected NOT_FOUND of a passive declare; our own errors say more.
         _ => "warn,lapin=off".to_owned(),
@@ -483,6 +493,7 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
         Command::Publish(args) => publish::publish(&settings, args, out).await,
         Command::Topology { action } => topology::command(&settings, &registry, action, out).await,
         Command::Dlq { action } => dlq::command(&settings, action, out).await,
+        Command::Console { addr } => console::command(&settings, addr, out).await,
         Command::Doctor => doctor::command(&settings, &registry, out).await,
         #[cfg(feature = "postgres")]
         Command::Outbox { action } => outbox::command(&settings, action, out).await,

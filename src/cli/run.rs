@@ -11,7 +11,7 @@ use crate::{
     Error, Metrics, Registry, Result, Settings, Worker, WorkerState, connection, shutdown,
 };
 
-/// `/healthz`, `/readyz` and `/metrics` on `http.addr`, answering from a
+/// `/healthz`, `/readyz`, `/metrics` and the console on `http.addr`, answering from a
 /// state and a set of metrics; bound before anything else starts, so a taken
 /// port fails at once.
 pub(super) struct Endpoint {
@@ -32,7 +32,13 @@ impl Endpoint {
         let Some(addr) = settings.http.addr else {
             return Ok(None);
         };
-        let router = crate::http::router(metrics, state, stall_after);
+        // The console replays through a publisher of its own, which
+        // connects on its first replay.
+        let publisher = crate::Publisher::new(settings, metrics.clone())?;
+        let console = crate::console::Console::new(settings, publisher, addr)?
+            .with_worker(metrics.clone(), state.clone())
+            .router();
+        let router = crate::http::router(metrics, state, stall_after).merge(console);
         let listener = crate::http::bind(addr).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(crate::http::serve(

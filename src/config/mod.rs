@@ -12,6 +12,7 @@
 //! | `sections.rs` | one struct per `[section]`, with its defaults |
 //! | `secret.rs` | [`AmqpUrl`], [`DatabaseUrl`] and password files: secrets that never print |
 
+mod http;
 mod secret;
 mod sections;
 
@@ -19,7 +20,7 @@ use std::{fmt, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-pub use self::{secret::*, sections::*};
+pub use self::{http::*, secret::*, sections::*};
 use crate::error::{Error, Result};
 
 /// All of burrow's settings. Build one with [`Settings::load`] (files and
@@ -246,6 +247,7 @@ impl Settings {
             );
         }
         self.management.validate()?;
+        self.http.validate()?;
         self.validate_postgres()
     }
 

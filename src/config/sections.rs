@@ -348,24 +348,6 @@ impl Default for PublisherSettings {
     }
 }
 
-/// `[http]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpSettings {
-    /// Address of the health and metrics endpoint (an IP address and port);
-    /// `"off"` (or an empty value) disables it.
-    #[serde(deserialize_with = "deserialize_http_addr")]
-    pub addr: Option<SocketAddr>,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
-        }
-    }
-}
-
 /// `[postgres]`: the app's own database, where the `event_outbox` and
 /// `event_inbox` tables live (feature `postgres`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -468,7 +450,7 @@ impl Default for InboxSettings {
     }
 }
 
-fn deserialize_http_addr<'de, D: serde::Deserializer<'de>>(
+pub(super) fn deserialize_http_addr<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Option<SocketAddr>, D::Error> {
     let value = String::deserialize(d)?;

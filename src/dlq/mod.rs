@@ -343,7 +343,7 @@ pub async fn select(settings: &Settings, filter: &Filter) -> Result<Vec<DeadLett
 pub async fn visit(
     settings: &Settings,
     filter: &Filter,
-    each: &mut dyn FnMut(&DeadLetter) -> std::ops::ControlFlow<()>,
+    each: &mut (dyn FnMut(&DeadLetter) -> std::ops::ControlFlow<()> + Send),
 ) -> Result<Progress> {
     let session = Browse::open(settings).await?;
     let mut held = Borrowed::default();
@@ -407,7 +407,7 @@ pub async fn replay(
     settings: &Settings,
     publisher: &Publisher,
     filter: &Filter,
-    progress: &mut dyn FnMut(Progress),
+    progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<ReplayReport> {
     let app_queue = settings.app_queue();
     let session = Browse::open(settings).await?;
@@ -475,7 +475,7 @@ pub async fn replay(
 pub async fn purge(
     settings: &Settings,
     filter: &Filter,
-    progress: &mut dyn FnMut(Progress),
+    progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<PurgeReport> {
     let session = Browse::open(settings).await?;
     if !filter.is_selective() && filter.limit.is_none() {
