@@ -35,6 +35,10 @@ lint: ## check formatting and clippy warnings
 containers-lint: ## lint the Dockerfile and docker-compose.yml
 	bash scripts/lint-containers.sh
 
+.PHONY: monitoring-lint
+monitoring-lint: ## check the alert rules (promtool check and unit tests), the PrometheusRule copy and the Grafana dashboard
+	bash scripts/check-monitoring.sh
+
 run: broker ## run the worker in the foreground
 	$(CARGO) run --release -- run
 
