@@ -23,7 +23,11 @@ postgres: ## make sure PostgreSQL answers on DATABASE_URL and its database exist
 demo: broker ## run the end-to-end demo against the broker
 	$(CARGO) run --quiet --release -- demo
 
-test: broker postgres ## run every test target with every feature (postgres included), then the doc tests
+.PHONY: browser
+browser: ## make sure headless Chromium and chromedriver are installed (the console's browser test)
+	bash scripts/install-browser.sh
+
+test: broker postgres browser ## run every test target with every feature (postgres included), then the doc tests
 	$(CARGO) test $(LOCKED) --all-features --all-targets
 	$(CARGO) test $(LOCKED) --all-features --doc
 
@@ -65,7 +69,7 @@ RABBITMQ4_ENV = AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' \
 	PATH="$$(bash scripts/ensure-rabbitmq4.sh bin):$$PATH"
 
 .PHONY: test-rabbitmq4
-test-rabbitmq4: rabbitmq4 postgres ## run make test's whole suite against RabbitMQ 4.0 (as root)
+test-rabbitmq4: rabbitmq4 postgres browser ## run make test's whole suite against RabbitMQ 4.0 (as root)
 	$(RABBITMQ4_ENV) $(CARGO) test $(LOCKED) --all-features --all-targets
 	$(RABBITMQ4_ENV) $(CARGO) test $(LOCKED) --all-features --doc
 

@@ -77,12 +77,12 @@ pub async fn serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| Error::HttpServe {
-            addr: addr.to_string(),
-            source,
-        })
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|source| Error::HttpServe {
+        addr: addr.to_string(),
+        source,
+    })
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {

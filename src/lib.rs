@@ -42,6 +42,7 @@
 //! | [`shutdown`] | the shutdown signal (SIGTERM, SIGINT) |
 //! | [`testing`] | handlers through the real pipeline without a broker; a recording publisher |
 //! | [`dlq`] | the dead-letter queue: list, show, export, replay, purge |
+//! | [`console`] | the operator console in a browser (`/console`, `burrow console`) |
 //! | [`cli`] | the `burrow` command line, for this binary or your own |
 //! | `outbox`, `inbox` | transactional outbox and idempotent inbox on PostgreSQL (feature `postgres`, docs/outbox.md) |
 //! | `connection`, `backoff`, `otel` | opening connections; capped retry delays; W3C trace context (feature `otel`) |
@@ -80,8 +81,8 @@
 mod backoff;
 pub mod cli;
 pub mod config;
-pub mod console;
 mod connection;
+pub mod console;
 mod consumer;
 pub mod dlq;
 mod doctor;

@@ -471,6 +471,27 @@ async fn the_binary_reports_metrics_readiness_and_liveness_through_an_outage_and
     );
 }
 
+/// `burrow run` serves the console beside its probes, for its own app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_serves_the_console_of_its_app() {
+    let app = BinApp::new("console-run", None);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let (mut worker, _log) = app.spawn(&["run"], "run.log");
+    app.wait_ready().await;
+    let page = app.wait_status("/console", 200).await;
+    assert!(page.contains(&app.settings.app_queue()), "{page}");
+    assert!(page.contains(&app.settings.dead_letter_queue()), "{page}");
+    assert!(page.contains("ready"), "the worker's state: {page}");
+    let letters = app.wait_status("/console/letters", 200).await;
+    assert!(letters.contains("0 letters in"), "{letters}");
+    let (status, css) = app.get("/console/assets/console.css").await;
+    assert_eq!(status, 200);
+    assert!(css.contains("font"), "{css}");
+    sigterm(&worker);
+    assert_eq!(exit_code(&mut worker, "the worker").await, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_exits_0_when_the_queue_is_already_empty() {
     let app = BinApp::new("drain-empty", None);

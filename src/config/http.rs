@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{sections::deserialize_http_addr, secret::read_password_file};
+use super::{secret::read_password_file, sections::deserialize_http_addr};
 use crate::error::{Error, Result};
 
 /// `[http]`

@@ -194,10 +194,7 @@ impl Sessions {
     }
 
     fn close(&self, id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -205,9 +202,7 @@ impl Operator {
     /// Checks that a POST with `headers` and the form field `csrf` came from
     /// one of the console's own pages.
     pub(super) fn check_post(&self, headers: &HeaderMap, csrf: Option<&str>) -> Result<(), Denied> {
-        if let Some(site) = headers
-            .get("sec-fetch-site")
-            .and_then(|v| v.to_str().ok())
+        if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
             && !matches!(site, "same-origin" | "none")
         {
             return Err(Denied::Forged("the request came from another site"));
@@ -300,7 +295,10 @@ mod tests {
         let wrong = headers(&[("authorization", "Bearer 0123456789abcdeX")]);
         assert_eq!(access.admit(&wrong, None).unwrap_err(), Denied::SignIn);
         access.sign_out(&with_cookie);
-        assert_eq!(access.admit(&with_cookie, None).unwrap_err(), Denied::SignIn);
+        assert_eq!(
+            access.admit(&with_cookie, None).unwrap_err(),
+            Denied::SignIn
+        );
     }
 
     #[test]
@@ -310,11 +308,17 @@ mod tests {
             csrf: Some("t0k".into()),
             signed_in: false,
         };
-        let same_site = headers(&[("host", "127.0.0.1:9090"), ("origin", "http://127.0.0.1:9090")]);
+        let same_site = headers(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "http://127.0.0.1:9090"),
+        ]);
         assert!(op.check_post(&same_site, Some("t0k")).is_ok());
         assert!(op.check_post(&same_site, Some("t0x")).is_err());
         assert!(op.check_post(&same_site, None).is_err());
-        let other = headers(&[("host", "127.0.0.1:9090"), ("origin", "http://evil.example")]);
+        let other = headers(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "http://evil.example"),
+        ]);
         assert!(op.check_post(&other, Some("t0k")).is_err());
         let cross = headers(&[("sec-fetch-site", "cross-site")]);
         assert!(op.check_post(&cross, Some("t0k")).is_err());

@@ -67,12 +67,7 @@ fn broker_error(console: &Shared, e: &crate::Error) -> Response {
     )
 }
 
-fn page_of(
-    console: &Shared,
-    operator: &Operator,
-    title: &str,
-    body: Markup,
-) -> Response {
+fn page_of(console: &Shared, operator: &Operator, title: &str, body: Markup) -> Response {
     (
         StatusCode::OK,
         pages::layout(console.app(), title, Some(operator), body),
@@ -90,7 +85,7 @@ pub(super) async fn list(
 ) -> Response {
     let operator = match admit(&console, &headers, &peer) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let form = Form::parse(query.unwrap_or_default().as_bytes());
     let filter = match filter_of(&form) {
@@ -206,13 +201,21 @@ fn filter_form(filter: &Filter, size: usize) -> Markup {
 }
 
 fn row(l: &DeadLetter, now: i64) -> Markup {
-    let age = l.age(now).map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string());
+    let age = l
+        .age(now)
+        .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string());
     let first = l
         .first_failure_at_ms
         .and_then(chrono::DateTime::from_timestamp_millis)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string());
     let error = l.last_error.as_deref().unwrap_or("");
-    let error_short: String = error.lines().next().unwrap_or("").chars().take(120).collect();
+    let error_short: String = error
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(120)
+        .collect();
     html! {
         tr data-id=(l.message_id) {
             td { input type="checkbox" name="ids" value=(l.message_id) aria-label={ "select " (l.message_id) }; }
@@ -241,7 +244,7 @@ pub(super) async fn detail(
 ) -> Response {
     let operator = match admit(&console, &headers, &peer) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let letter = match dlq::show(&console.0.settings, &id).await {
         Ok(Some(letter)) => letter,
@@ -259,7 +262,9 @@ pub(super) async fn detail(
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     let time = |ms: Option<i64>| {
         ms.and_then(chrono::DateTime::from_timestamp_millis)
-            .map_or("–".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+            .map_or("–".to_owned(), |t| {
+                t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string()
+            })
     };
     let body = html! {
         (pages::facts(&[
@@ -311,7 +316,7 @@ pub(super) async fn export(
 ) -> Response {
     let operator = match admit(&console, &headers, &peer) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let form = Form::parse(query.unwrap_or_default().as_bytes());
     let filter = match filter_of(&form) {
@@ -363,7 +368,7 @@ pub(super) async fn replay(
     let form = Form::parse(&body);
     let operator = match admit_post(&console, &headers, &peer, &form) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let filter = match (form.get("scope"), filter_of(&form)) {
         (_, Err(e)) => return bad_request(&console, &e),
@@ -378,7 +383,13 @@ pub(super) async fn replay(
             );
         }
     };
-    let result = dlq::replay(&console.0.settings, &console.0.publisher, &filter, &mut |_| {}).await;
+    let result = dlq::replay(
+        &console.0.settings,
+        &console.0.publisher,
+        &filter,
+        &mut |_| {},
+    )
+    .await;
     let (kind, text) = match &result {
         Ok(report) => (
             "ok",
@@ -391,7 +402,10 @@ pub(super) async fn replay(
                 report.left
             ),
         ),
-        Err(e) => ("error", format!("The replay stopped: {e}. Letters replayed before the error stay replayed.")),
+        Err(e) => (
+            "error",
+            format!("The replay stopped: {e}. Letters replayed before the error stay replayed."),
+        ),
     };
     tracing::info!(
         target: "burrow::console",
@@ -419,7 +433,7 @@ pub(super) async fn purge_form(
 ) -> Response {
     let operator = match admit(&console, &headers, &peer) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let form = Form::parse(query.unwrap_or_default().as_bytes());
     let filter = match filter_of(&form) {
@@ -427,9 +441,11 @@ pub(super) async fn purge_form(
         Err(e) => return bad_request(&console, &e),
     };
     let counted = if filter.is_selective() {
-        dlq::visit(&console.0.settings, &filter, &mut |_| ControlFlow::Continue(()))
-            .await
-            .map(|p| p.selected)
+        dlq::visit(&console.0.settings, &filter, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .await
+        .map(|p| p.selected)
     } else {
         dlq::count(&console.0.settings).await.map(|n| n as usize)
     };
@@ -469,7 +485,7 @@ pub(super) async fn purge(
     let form = Form::parse(&body);
     let operator = match admit_post(&console, &headers, &peer, &form) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let mut filter = match filter_of(&form) {
         Ok(f) => f,
@@ -503,7 +519,12 @@ pub(super) async fn purge(
     let (kind, text) = match &result {
         Ok(r) => (
             "ok",
-            format!("Purged {} letter{}; {} left in the dead-letter queue.", r.purged, if r.purged == 1 { "" } else { "s" }, r.left),
+            format!(
+                "Purged {} letter{}; {} left in the dead-letter queue.",
+                r.purged,
+                if r.purged == 1 { "" } else { "s" },
+                r.left
+            ),
         ),
         Err(e) => ("error", format!("The purge stopped: {e}")),
     };

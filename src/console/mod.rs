@@ -160,12 +160,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 }
 
 /// The request's operator, or the response that refuses it.
-fn admit(console: &Shared, headers: &HeaderMap, peer: &Peer) -> Result<Operator, Response> {
+/// (The refusal is boxed: a `Response` is large, and the admitted path is
+/// the common one.)
+fn admit(console: &Shared, headers: &HeaderMap, peer: &Peer) -> Result<Operator, Box<Response>> {
     console
         .0
         .access
         .admit(headers, peer.0)
-        .map_err(|denied| refuse(console, denied))
+        .map_err(|denied| Box::new(refuse(console, denied)))
 }
 
 /// A POST's operator, after the CSRF and origin checks.
@@ -174,13 +176,13 @@ fn admit_post(
     headers: &HeaderMap,
     peer: &Peer,
     form: &Form,
-) -> Result<Operator, Response> {
+) -> Result<Operator, Box<Response>> {
     let operator = admit(console, headers, peer)?;
     operator
         .check_post(headers, form.get("csrf"))
         .map_err(|denied| {
             tracing::warn!(target: "burrow::console", operator = %operator.who, "refused a POST: {denied:?}");
-            refuse(console, denied)
+            Box::new(refuse(console, denied))
         })?;
     Ok(operator)
 }
@@ -309,11 +311,14 @@ async fn logout(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(refused) = admit_post(&console, &headers, &peer, &form) {
-        return refused;
+        return *refused;
     }
     console.0.access.sign_out(&headers);
     let mut response = Redirect::to("/console/login").into_response();
-    let expired = format!("{}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0", auth::COOKIE);
+    let expired = format!(
+        "{}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0",
+        auth::COOKIE
+    );
     if let Ok(value) = HeaderValue::from_str(&expired) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
@@ -321,7 +326,10 @@ async fn logout(
 }
 
 async fn css() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], pages::CSS)
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::CSS,
+    )
 }
 
 async fn js() -> impl IntoResponse {

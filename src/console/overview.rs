@@ -11,12 +11,15 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use maud::html;
 use tokio::sync::watch;
 
 use super::{Peer, Shared, admit, error_page, pages};
-use crate::{consumer::WorkerState, metrics::Metrics, retry::RetryLadder};
+use crate::{
+    consumer::WorkerState,
+    metrics::{Metrics, queues},
+    retry::RetryLadder,
+};
 
 /// How often the worker's counters are sampled for the per-minute rates.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -133,8 +136,9 @@ async fn sample(metrics: Metrics, samples: Weak<Mutex<VecDeque<(Instant, Totals)
 pub(super) struct QueueRow {
     pub(super) role: String,
     pub(super) name: String,
-    /// Ready messages and consumers, or what went wrong asking.
-    pub(super) depth: Result<(u32, u32), String>,
+    /// Ready messages and consumers; `None` when the broker did not answer
+    /// (the queue is not declared).
+    pub(super) depth: Option<(u32, u32)>,
 }
 
 /// The app's queues in order: the app queue, each retry step, the
@@ -156,46 +160,37 @@ pub(super) fn queues(settings: &crate::Settings) -> Vec<(String, String)> {
     out
 }
 
-/// Asks the broker for each queue's depth with a passive declare, on a
-/// connection of its own (closed before returning).
-async fn depths(settings: &crate::Settings) -> Result<Vec<QueueRow>, String> {
+/// Reads each queue's depth (the passive declare of [`queues::probe`]), on a
+/// connection of its own, closed before returning.
+async fn depths(settings: &crate::Settings) -> crate::Result<Vec<QueueRow>> {
     let name = format!("burrow console ({})", settings.app.name);
-    let conn = crate::connection::open(&settings.amqp, &name)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut rows = Vec::new();
-    let mut channel = None;
-    for (role, queue) in queues(settings) {
-        if channel.is_none() {
-            channel = conn.create_channel().await.ok();
-        }
-        let depth = match &channel {
-            None => Err("no channel".to_owned()),
-            Some(ch) => ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|q| (q.message_count(), q.consumer_count()))
-                .map_err(|e| {
-                    // A failed passive declare closes the channel (404).
-                    channel = None;
-                    crate::redact::redact(&e.to_string())
-                }),
-        };
-        rows.push(QueueRow {
-            role,
-            name: queue,
-            depth,
-        });
+    let conn = crate::connection::open(&settings.amqp, &name).await?;
+    let wanted = queues(settings);
+    let names: Vec<String> = wanted.iter().map(|(_, q)| q.clone()).collect();
+    let mut read = Vec::with_capacity(names.len());
+    // A refused declare closes its channel and leaves the queues after it
+    // unread: read those on a fresh channel.
+    while read.len() < names.len() {
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| crate::Error::amqp("channel.open (console)", e))?;
+        let got = queues::probe(&channel, &names[read.len()..]).await;
+        let refused = got.iter().position(|d| d.messages.is_none());
+        let take = refused.map_or(got.len(), |i| i + 1);
+        read.extend(got.into_iter().take(take));
+        let _ = channel.close(200, "console overview".into()).await;
     }
     let _ = conn.close(200, "console overview".into()).await;
-    Ok(rows)
+    Ok(wanted
+        .into_iter()
+        .zip(read)
+        .map(|((role, name), d)| QueueRow {
+            role,
+            name,
+            depth: d.messages.zip(d.consumers),
+        })
+        .collect())
 }
 
 pub(super) async fn page(
@@ -205,7 +200,7 @@ pub(super) async fn page(
 ) -> Response {
     let operator = match admit(&console, &headers, &peer) {
         Ok(op) => op,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let settings = &console.0.settings;
     let rows = match depths(settings).await {
@@ -215,7 +210,7 @@ pub(super) async fn page(
                 &console,
                 StatusCode::BAD_GATEWAY,
                 "Broker unreachable",
-                &format!("The console cannot reach RabbitMQ: {e}"),
+                &format!("The console cannot read the queues: {e}"),
             );
         }
     };
@@ -273,12 +268,16 @@ pub(super) async fn page(
                                 a href="/console/letters" { (row.name) }
                             } @else { (row.name) }
                         }
-                        @match &row.depth {
-                            Ok((messages, consumers)) => {
+                        @match row.depth {
+                            Some((messages, consumers)) => {
                                 td.num.messages { (messages) }
                                 td.num { (consumers) }
                             }
-                            Err(e) => { td.error colspan="2" { (e) } }
+                            None => {
+                                td.error colspan="2" {
+                                    "not declared: a worker declares it at start (burrow topology apply does too)"
+                                }
+                            }
                         }
                     }
                 }

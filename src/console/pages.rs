@@ -115,7 +115,7 @@ pub(super) fn body_view(body: &[u8]) -> Markup {
     };
     html! {
         p.meta { (body.len()) " bytes, " (label) }
-        pre.body { (text) }
+        pre.body id="body" { (text) }
     }
 }
 
