@@ -16,7 +16,7 @@ use common::{
     node::free_port,
     *,
 };
-use lapin::BasicProperties;
+use lapin::{BasicProperties, options::QueueDeleteOptions};
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/burrow.json");
 const ALERTS: &str = include_str!("../deploy/prometheus/alerts.yml");
@@ -279,6 +279,53 @@ async fn queue_depths_are_read_before_readiness_and_then_periodically() {
         },
     )
     .await;
+    worker.stop(child).await;
+    raw.close().await;
+}
+
+#[tokio::test]
+async fn a_queue_deleted_under_the_worker_is_skipped_and_the_queues_after_it_still_read() {
+    let worker = Worker::new("monitoring-deleted");
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&worker.settings);
+    let queues = worker.queues();
+    let (step, dead) = (&queues[1], worker.settings.dead_letter_queue());
+    assert!(step.contains(".retry.1."), "{queues:?}");
+    let child = worker.start().await;
+    // The read goes app queue, retry steps, dead letters: a refusal in the
+    // middle closes the channel the dead-letter queue would be read on.
+    let raw = Raw::connect().await;
+    raw.channel
+        .queue_delete(step.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("queue.delete");
+    for i in 0..2 {
+        raw.publish("", &dead, format!("letter {i}").as_bytes(), props())
+            .await;
+    }
+    eventually_within(
+        "the dead-letter queue's depth read past the deleted step",
+        REFRESH_INTERVAL + WAIT,
+        || async {
+            let text = worker.scrape().await;
+            match metric(&text, "burrow_queue_messages", &[("queue", &dead)]) {
+                2.0 => Ok(()),
+                other => Err(format!("{other}")),
+            }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&worker.log).expect("the worker's log");
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("refused a passive queue.declare") && l.contains(step.as_str()))
+        .count();
+    assert_eq!(warnings, 1, "one warning for the deleted step:\n{log}");
+    // Consuming was never disturbed.
+    let (code, body) = http_get(worker.http, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let text = worker.scrape().await;
+    assert_eq!(metric(&text, "burrow_connected", &[]), 1.0, "{text}");
     worker.stop(child).await;
     raw.close().await;
 }
