@@ -492,6 +492,28 @@ async fn the_worker_serves_the_console_of_its_app() {
     assert_eq!(exit_code(&mut worker, "the worker").await, Some(0));
 }
 
+/// `burrow console` serves the console alone, with no worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burrow_console_serves_the_console_without_a_worker() {
+    let app = BinApp::new("console-alone", None);
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&app.settings);
+    let addr = app.http.to_string();
+    let (mut console, log) = app.spawn(&["console", "--addr", &addr], "console.log");
+    let page = app.wait_status("/console", 200).await;
+    assert!(page.contains("no worker here"), "{page}");
+    assert!(page.contains(&app.settings.dead_letter_queue()), "{page}");
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 404, "the console command serves the console only");
+    sigterm(&console);
+    assert_eq!(exit_code(&mut console, "burrow console").await, Some(0));
+    let printed = read(&log);
+    assert!(
+        printed.contains(&format!("http://{addr}/console")),
+        "{printed}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_exits_0_when_the_queue_is_already_empty() {
     let app = BinApp::new("drain-empty", None);

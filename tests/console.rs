@@ -338,6 +338,25 @@ async fn an_operator_filters_reads_replays_and_purges_dead_letters_in_a_browser(
     .await;
     raw.wait_ready(&dead, 3, "the letters not replayed").await;
 
+    // Export: JSON lines, one document per letter, the letters left in place.
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let (status, lines) =
+        common::bin::http_get(addr, "/console/letters/export?event=CollectionCreatedEvent").await;
+    assert_eq!(status, 200, "{lines}");
+    let exported: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is a JSON document"))
+        .collect();
+    assert_eq!(exported.len(), 2, "{lines}");
+    assert!(
+        exported
+            .iter()
+            .all(|l| l["event_type"] == "CollectionCreatedEvent" && l["reason"] == "permanent"),
+        "{lines}"
+    );
+    raw.wait_ready(&dead, 3, "the letters after an export")
+        .await;
+
     // Purge the rest: the wrong count is refused and removes nothing.
     browser
         .goto(&format!("{base}/console/letters"))

@@ -155,7 +155,7 @@ pub(super) async fn list(
             }
             div.actions {
                 button type="submit" id="replay-selected" { "Replay selected" }
-                button.secondary type="submit" formmethod="get" formaction="/console/letters/export" { "Export selected" }
+                button.secondary type="submit" formaction="/console/letters/export" id="export-selected" { "Export selected" }
             }
         }
         div.pager {
@@ -306,7 +306,7 @@ pub(super) async fn detail(
     page_of(&console, &operator, "Dead letter", body)
 }
 
-/// `GET /console/letters/export`: the selection or the filter as JSON
+/// `GET /console/letters/export?<filter>`: the filter (or `ids=`) as JSON
 /// lines, one [`dlq::to_json`] document each, as `burrow dlq export`.
 pub(super) async fn export(
     State(console): State<Shared>,
@@ -319,7 +319,31 @@ pub(super) async fn export(
         Err(refused) => return *refused,
     };
     let form = Form::parse(query.unwrap_or_default().as_bytes());
-    let filter = match filter_of(&form) {
+    export_letters(&console, &operator, &form).await
+}
+
+/// `POST /console/letters/export`: the table's ticked letters (a form, so
+/// that its CSRF token never lands in a URL).
+pub(super) async fn export_selected(
+    State(console): State<Shared>,
+    headers: HeaderMap,
+    peer: Peer,
+    body: Bytes,
+) -> Response {
+    let form = Form::parse(&body);
+    let operator = match admit_post(&console, &headers, &peer, &form) {
+        Ok(op) => op,
+        Err(refused) => return *refused,
+    };
+    if form.all("ids").is_empty() {
+        return bad_request(&console, "No letter is selected: tick at least one box.");
+    }
+    export_letters(&console, &operator, &form).await
+}
+
+async fn export_letters(console: &Shared, operator: &Operator, form: &Form) -> Response {
+    let console = console.clone();
+    let filter = match filter_of(form) {
         Ok(f) => f,
         Err(e) => return bad_request(&console, &e),
     };

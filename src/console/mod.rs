@@ -12,7 +12,8 @@
 //!   body, what burrow recorded about its failure.
 //! - `POST /console/letters/replay` — replay the selection or the filter,
 //!   through [`crate::dlq::replay`]: confirmed, then acked.
-//! - `GET /console/letters/export` — JSON lines, as `burrow dlq export`.
+//! - `GET /console/letters/export` (a filter) and `POST` (the ticked
+//!   letters) — JSON lines, as `burrow dlq export`.
 //! - `GET`/`POST /console/letters/purge` — purge behind a typed confirmation
 //!   that names the count; never more than the count confirmed.
 //!
@@ -121,7 +122,10 @@ impl Console {
             .route("/console", get(overview::page))
             .route("/console/", get(|| async { Redirect::to("/console") }))
             .route("/console/letters", get(letters::list))
-            .route("/console/letters/export", get(letters::export))
+            .route(
+                "/console/letters/export",
+                get(letters::export).post(letters::export_selected),
+            )
             .route("/console/letters/replay", post(letters::replay))
             .route(
                 "/console/letters/purge",
