@@ -192,6 +192,23 @@ impl Worker {
         text
     }
 
+    /// Waits until the worker reports `messages` ready in `queue`: at most
+    /// one periodic read away.
+    async fn wait_depth(&self, queue: &str, messages: u32) {
+        eventually_within(
+            &format!("burrow_queue_messages of {queue} to read {messages}"),
+            REFRESH_INTERVAL + WAIT,
+            || async {
+                let text = self.scrape().await;
+                match metric(&text, "burrow_queue_messages", &[("queue", queue)]) {
+                    got if got == f64::from(messages) => Ok(()),
+                    got => Err(got.to_string()),
+                }
+            },
+        )
+        .await;
+    }
+
     async fn stop(&self, mut child: tokio::process::Child) {
         sigterm(&child);
         let status = within("burrow run to exit", child.wait())
@@ -267,18 +284,7 @@ async fn queue_depths_are_read_before_readiness_and_then_periodically() {
         raw.publish("", &dead, format!("letter {i}").as_bytes(), props())
             .await;
     }
-    eventually_within(
-        "burrow_queue_messages of the dead-letter queue to read 5",
-        REFRESH_INTERVAL + WAIT,
-        || async {
-            let text = worker.scrape().await;
-            match metric(&text, "burrow_queue_messages", &[("queue", &dead)]) {
-                5.0 => Ok(()),
-                other => Err(format!("{other}")),
-            }
-        },
-    )
-    .await;
+    worker.wait_depth(&dead, 5).await;
     worker.stop(child).await;
     raw.close().await;
 }
@@ -303,18 +309,8 @@ async fn a_queue_deleted_under_the_worker_is_skipped_and_the_queues_after_it_sti
         raw.publish("", &dead, format!("letter {i}").as_bytes(), props())
             .await;
     }
-    eventually_within(
-        "the dead-letter queue's depth read past the deleted step",
-        REFRESH_INTERVAL + WAIT,
-        || async {
-            let text = worker.scrape().await;
-            match metric(&text, "burrow_queue_messages", &[("queue", &dead)]) {
-                2.0 => Ok(()),
-                other => Err(format!("{other}")),
-            }
-        },
-    )
-    .await;
+    // Read past the deleted step.
+    worker.wait_depth(&dead, 2).await;
     let log = std::fs::read_to_string(&worker.log).expect("the worker's log");
     let warnings = log
         .lines()
