@@ -9,10 +9,11 @@ use std::{
 use burrow::{
     cli::ModuleContext,Context, Event, HandlerError, Registry};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A collection was created.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CollectionCreatedEvent {
     /// The collection.
@@ -21,13 +22,19 @@ pub struct CollectionCreatedEvent {
     pub name: String,
     /// Who created it.
     pub author_id: String,
-    /// When; TypeScript publishers call it `dateTimeOccurred`.
-    #[serde(default, alias = "dateTimeOccurred")]
+    /// When it occurred (RFC 3339); `occurredAt` is accepted too.
+    // Named as TypeScript publishers send it: the schema `burrow asyncapi`
+    // prints shows this name, and schemars does not see aliases.
+    #[serde(default, rename = "dateTimeOccurred", alias = "occurredAt")]
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
 impl Event for CollectionCreatedEvent {
     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+
+    fn payload_schema() -> Option<serde_json::Value> {
+        Some(burrow::asyncapi::json_schema::<Self>())
+    }
 }
 
 

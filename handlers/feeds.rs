@@ -13,23 +13,30 @@ use std::sync::{Arc, Mutex};
 use burrow::{
     cli::ModuleContext,Context, Event, Handler, HandlerError, Registry};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A card was added to a library. Only the fields feeds needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CardAddedToLibraryEvent {
     /// The card.
     pub aggregate_id: String,
     /// Who added it.
     pub user_id: String,
-    /// When; TypeScript publishers call it `dateTimeOccurred`.
-    #[serde(default, alias = "dateTimeOccurred")]
+    /// When it occurred (RFC 3339); `occurredAt` is accepted too.
+    // Named as TypeScript publishers send it: the schema `burrow asyncapi`
+    // prints shows this name, and schemars does not see aliases.
+    #[serde(default, rename = "dateTimeOccurred", alias = "occurredAt")]
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
 impl Event for CardAddedToLibraryEvent {
     const EVENT_TYPE: &'static str = "CardAddedToLibraryEvent";
+
+    fn payload_schema() -> Option<serde_json::Value> {
+        Some(burrow::asyncapi::json_schema::<Self>())
+    }
 }
 
 

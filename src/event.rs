@@ -35,6 +35,43 @@ pub trait Event: DeserializeOwned + Send + 'static {
     /// property, and the binding key of handlers that subscribe to it.
     /// Use the name your other publishers use (`CardAddedToLibraryEvent`).
     const EVENT_TYPE: &'static str;
+
+    /// The JSON Schema of this view's body, for `burrow asyncapi`; `None`
+    /// (the default) leaves the payload undescribed in the document.
+    ///
+    /// A method with a default rather than a `JsonSchema` bound on
+    /// [`crate::Registry::on`] and [`crate::Registry::add`]: a bound would
+    /// break every existing view that does not derive it, and a second,
+    /// schema-carrying registration path would have to be chosen at every
+    /// call site and still miss views registered the old way. The price is
+    /// one line per view that opts in, and a document that can only say
+    /// "no schema" for a view that did not; `burrow asyncapi` names those.
+    ///
+    /// ```
+    /// use burrow::Event;
+    /// use serde::Deserialize;
+    ///
+    /// #[derive(Debug, Deserialize, schemars::JsonSchema)]
+    /// #[serde(rename_all = "camelCase")]
+    /// pub struct CollectionCreatedEvent {
+    ///     pub aggregate_id: String,
+    ///     pub name: String,
+    /// }
+    ///
+    /// impl Event for CollectionCreatedEvent {
+    ///     const EVENT_TYPE: &'static str = "CollectionCreatedEvent";
+    ///
+    ///     fn payload_schema() -> Option<serde_json::Value> {
+    ///         Some(burrow::asyncapi::json_schema::<Self>())
+    ///     }
+    /// }
+    ///
+    /// let schema = CollectionCreatedEvent::payload_schema().unwrap();
+    /// assert_eq!(schema["required"], serde_json::json!(["aggregateId", "name"]));
+    /// ```
+    fn payload_schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A domain event an aggregate raises and a publisher sends: an [`Event`]

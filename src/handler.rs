@@ -250,6 +250,9 @@ pub struct RegisteredHandler {
     name: Arc<str>,
     binding_key: String,
     event_type: &'static str,
+    // A function, not the schema: only `burrow asyncapi` asks for it, so a
+    // worker never builds one.
+    payload_schema: fn() -> Option<serde_json::Value>,
     call: Arc<ErasedCall>,
 }
 
@@ -267,6 +270,11 @@ impl RegisteredHandler {
     /// The `EVENT_TYPE` of the event it decodes.
     pub fn event_type(&self) -> &'static str {
         self.event_type
+    }
+
+    /// The JSON Schema of the event view it decodes ([`Event::payload_schema`]).
+    pub fn payload_schema(&self) -> Option<serde_json::Value> {
+        (self.payload_schema)()
     }
 
     pub(crate) fn name_arc(&self) -> Arc<str> {
@@ -343,6 +351,7 @@ impl Registry {
             name,
             binding_key,
             event_type: H::Event::EVENT_TYPE,
+            payload_schema: H::Event::payload_schema,
             call: Arc::new(call),
         })
     }

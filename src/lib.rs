@@ -33,6 +33,7 @@
 //! | `consumer/` | the [`Worker`]: sessions, pipeline, settlement, acks, [`Outcome`] |
 //! | `publisher` | [`Publisher`]: pooled confirm-mode channels; the [`Publish`] trait |
 //! | [`wire`] | the wire contract: header names, reading, writing, the header budget |
+//! | [`asyncapi`] | the wire contract as an AsyncAPI 3.0 document, from the settings and the registry |
 //! | `topology`, `retry`, `topic`, `verify` | exchanges, queues and bindings as data ([`Topology`], [`RetryLadder`]); comparing them with the broker |
 //! | `message` | [`Headers`], [`MessageProperties`]: a message in burrow's own types |
 //! | [`config`] | [`Settings`] from `config/*.toml` and `BURROW__*` variables, validated |
@@ -78,6 +79,7 @@
 //! To get the whole `burrow` command line (run, dlq, topology, drain, ...)
 //! with your own handler modules, see [`cli::App`].
 
+pub mod asyncapi;
 mod backoff;
 pub mod cli;
 pub mod config;

@@ -11,11 +11,13 @@
 //! | `outbox.rs` | `outbox relay|audit|status|migrate|cleanup` (feature `postgres`) |
 //! | `demo.rs` | `demo` |
 //! | `doctor.rs` | `doctor` |
+//! | `asyncapi.rs` | `asyncapi` |
 //! | `output.rs` | text or JSON on stdout, redacted; a closed pipe ends quietly |
 //!
 //! Exit codes are [`ExitStatus`]: one table, printed by `burrow --help` and
 //! in the README.
 
+mod asyncapi;
 mod console;
 mod demo;
 mod dlq;
@@ -340,6 +342,9 @@ enum Command {
     Run,
     /// Publish one event with confirms; exits 3 if unroutable, 4 if not confirmed.
     Publish(publish::PublishArgs),
+    /// Print the app's AsyncAPI 3.0 document (YAML; JSON with --output json):
+    /// its event types, their payload schemas, headers and properties.
+    Asyncapi,
     /// Show, apply or verify the app's exchanges, queues and bindings.
     Topology {
         #[command(subcommand)]
@@ -492,6 +497,7 @@ async fn execute(cli: Cli, app: App, out: &Out) -> CliResult {
         }
         Command::Publish(args) => publish::publish(&settings, args, out).await,
         Command::Topology { action } => topology::command(&settings, &registry, action, out).await,
+        Command::Asyncapi => asyncapi::command(&settings, &registry, out),
         Command::Dlq { action } => dlq::command(&settings, action, out).await,
         Command::Console { addr } => console::command(&settings, addr, out).await,
         Command::Doctor => doctor::command(&settings, &registry, out).await,
