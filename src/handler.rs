@@ -6,6 +6,9 @@
 //! acknowledge anything: the consumer settles each delivery once, from the
 //! outcomes of all handlers that ran (see [`crate::pipeline`]).
 
+mod broadcast;
+mod limits;
+
 use std::{collections::HashSet, fmt, future::Future, pin::Pin, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
@@ -13,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::{Error, Result},
     event::Event,
+    limit::{HandlerLimits, Limiter},
     message::Headers,
     topic,
 };
@@ -254,6 +258,13 @@ pub struct RegisteredHandler {
     // worker never builds one.
     payload_schema: fn() -> Option<serde_json::Value>,
     call: Arc<ErasedCall>,
+    limits: HandlerLimits,
+    /// The permits every delivery of one worker shares; made by the worker
+    /// from `limits` (see [`Registry::arm_limits`]).
+    limiter: Option<Arc<Limiter>>,
+    /// Runs on every instance of the app, from a queue of its own
+    /// ([`Registry::broadcast`]), not from the app queue.
+    broadcast: bool,
 }
 
 impl RegisteredHandler {
@@ -281,6 +292,21 @@ impl RegisteredHandler {
         self.name.clone()
     }
 
+    /// Whether it runs on every instance ([`Registry::broadcast`]).
+    pub fn is_broadcast(&self) -> bool {
+        self.broadcast
+    }
+
+    /// Its concurrency and rate limits ([`Registry::limit`], `[limits]`).
+    pub fn limits(&self) -> HandlerLimits {
+        self.limits
+    }
+
+    /// The permits a run must hold first, when the handler is limited.
+    pub(crate) fn limiter(&self) -> Option<Arc<Limiter>> {
+        self.limiter.clone()
+    }
+
     /// Decodes `body` and starts the handler. Decoding happens here, before
     /// any future exists, so a bad body costs no task.
     pub(crate) fn start(&self, body: &[u8], ctx: Context) -> Result<HandlerFuture, Failure> {
@@ -294,6 +320,8 @@ impl fmt::Debug for RegisteredHandler {
             .field("name", &self.name)
             .field("binding_key", &self.binding_key)
             .field("event_type", &self.event_type)
+            .field("limits", &self.limits)
+            .field("broadcast", &self.broadcast)
             .finish()
     }
 }
@@ -353,6 +381,9 @@ impl Registry {
             event_type: H::Event::EVENT_TYPE,
             payload_schema: H::Event::payload_schema,
             call: Arc::new(call),
+            limits: HandlerLimits::default(),
+            limiter: None,
+            broadcast: false,
         })
     }
 
@@ -418,19 +449,26 @@ impl Registry {
         self.handlers.iter().find(|h| h.name() == name)
     }
 
-    /// Handlers whose binding key matches `event_type`.
+    /// Handlers of the app queue whose binding key matches `event_type`
+    /// (broadcast handlers run from their own queue instead).
     pub fn subscribed_to<'a>(
         &'a self,
         event_type: &'a str,
     ) -> impl Iterator<Item = &'a RegisteredHandler> + 'a {
         self.handlers
             .iter()
-            .filter(move |h| topic::matches(h.binding_key(), event_type))
+            .filter(move |h| !h.broadcast && topic::matches(h.binding_key(), event_type))
     }
 
-    /// The distinct binding keys, sorted: one queue binding each.
+    /// The distinct binding keys of the app queue's handlers, sorted: one
+    /// queue binding each.
     pub fn binding_keys(&self) -> Vec<String> {
-        let set: HashSet<&str> = self.handlers.iter().map(|h| h.binding_key()).collect();
+        let set: HashSet<&str> = self
+            .handlers
+            .iter()
+            .filter(|h| !h.broadcast)
+            .map(|h| h.binding_key())
+            .collect();
         let mut keys: Vec<String> = set.into_iter().map(str::to_owned).collect();
         keys.sort();
         keys

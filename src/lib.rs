@@ -92,6 +92,7 @@ mod error;
 mod event;
 mod handler;
 pub mod http;
+mod limit;
 mod management;
 mod message;
 mod metrics;
@@ -117,6 +118,7 @@ pub use consumer::{
 pub use error::{Error, Result};
 pub use event::{DomainEvent, Event, EventMeta};
 pub use handler::{BoxError, Context, Failure, Handler, HandlerError, Registry, ResultExt};
+pub use limit::{HandlerLimits, LimitSettings, Rate};
 pub use message::{HeaderValue, Headers, MessageProperties};
 pub use metrics::Metrics;
 #[cfg(feature = "otel")]

@@ -53,6 +53,9 @@ pub struct Settings {
     /// The broker's management HTTP API, for `burrow doctor` and the
     /// binding check of `burrow topology verify`.
     pub management: ManagementSettings,
+    /// Per-handler concurrency and rate limits, by handler name
+    /// (`[limits."billing.charge_card"]`), over those set in code.
+    pub limits: std::collections::BTreeMap<String, crate::limit::LimitSettings>,
 }
 
 impl Settings {
@@ -248,6 +251,9 @@ impl Settings {
         }
         self.management.validate()?;
         self.http.validate()?;
+        for (handler, limits) in &self.limits {
+            limits.limits(handler)?;
+        }
         self.validate_postgres()
     }
 

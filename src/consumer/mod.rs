@@ -7,6 +7,7 @@
 //! | `pipeline.rs` | one delivery to one [`Settlement`], no I/O |
 //! | `settle.rs` | carrying a settlement out: copies confirmed, then ack or nack |
 //! | `ack.rs` | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
+//! | `fanout.rs` | broadcast handlers: a queue per instance, in-process retries |
 //! | `outcome.rs` | what the worker reports: [`Outcome`], [`RunReport`], [`WorkerState`] |
 //!
 //! A delivery is settled in one place (`settle.rs`), at most once, after
@@ -30,6 +31,7 @@
 //! tool [`crate::dlq`], on the dead-letter queue's own channel.
 
 mod ack;
+mod fanout;
 mod outcome;
 pub(crate) mod pipeline;
 mod session;
@@ -78,6 +80,11 @@ pub struct Worker {
     outcomes: broadcast::Sender<Outcome>,
     state: watch::Sender<WorkerState>,
     metrics: Metrics,
+    /// This instance's broadcast queue, when the app has broadcast handlers.
+    broadcast_queue: Option<String>,
+    /// When the last session lost its connection, and the broadcast queue
+    /// with it: the next session counts the gap.
+    broadcast_lost_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Worker {
@@ -110,8 +117,29 @@ impl Worker {
             .collect()
     }
 
-    fn with_metrics(settings: Settings, registry: Registry, metrics: Metrics) -> Result<Self> {
+    fn with_metrics(settings: Settings, mut registry: Registry, metrics: Metrics) -> Result<Self> {
         settings.validate()?;
+        registry.arm_limits(&settings.limits)?;
+        metrics.prime_permit_waits(
+            registry
+                .handlers()
+                .iter()
+                .filter(|h| h.limits().is_limited())
+                .map(|h| h.name()),
+        );
+        let broadcast_queue = registry
+            .has_broadcast()
+            .then(|| fanout::queue_name(&settings));
+        if broadcast_queue.is_some() {
+            metrics.prime_broadcast(
+                &settings.app_queue(),
+                registry
+                    .handlers()
+                    .iter()
+                    .filter(|h| h.is_broadcast())
+                    .map(|h| h.name()),
+            );
+        }
         if registry.is_empty() {
             return Err(Error::registry(
                 None,
@@ -127,6 +155,8 @@ impl Worker {
             outcomes,
             state,
             metrics,
+            broadcast_queue,
+            broadcast_lost_at: std::sync::Mutex::new(None),
         })
     }
 

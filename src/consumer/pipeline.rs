@@ -115,8 +115,12 @@ pub struct HandlerRun {
     pub handler: Arc<str>,
     /// `Ok` or why it failed.
     pub result: Result<(), Failure>,
-    /// How long it ran (zero when it never started).
+    /// How long it ran (zero when it never started), not counting the wait
+    /// for a permit.
     pub duration: Duration,
+    /// How long it waited for a permit of its limits
+    /// ([`crate::HandlerLimits`]); `None` for a handler without limits.
+    pub waited: Option<Duration>,
 }
 
 /// What [`Pipeline::process`] decided.
@@ -311,6 +315,7 @@ impl Pipeline {
                             handler: Arc::from(name.as_str()),
                             result: Err(Failure::UnknownHandler),
                             duration: Duration::ZERO,
+                            waited: None,
                         }),
                     }
                 }
@@ -344,6 +349,7 @@ impl Pipeline {
                 handler: handler.name_arc(),
                 result: Err(Failure::Undecodable(failure.clone())),
                 duration: Duration::ZERO,
+                waited: None,
             }));
             let settlement = self.decide(&incoming, &runs);
             return Processed {
@@ -366,9 +372,23 @@ impl Pipeline {
             };
             let name = handler.name_arc();
             let start = handler.start(body, ctx);
+            let limiter = handler.limiter();
             let timeout = self.handler_timeout;
             let span = tracing::info_span!("handler", handler = %name);
             async move {
+                // A limited handler waits for its permit here, inside the
+                // worker: no nack, no retry, no attempt spent. The timeout
+                // and the duration start once it holds the permit.
+                let mut waited = None;
+                let decoded = start.is_ok();
+                let _permit = match limiter.filter(|_| decoded) {
+                    Some(limiter) => {
+                        let permit = limiter.acquire().await;
+                        waited = Some(permit.waited);
+                        Some(permit)
+                    }
+                    None => None,
+                };
                 let begun = Instant::now();
                 let result = match start {
                     Err(failure) => Err(failure),
@@ -387,6 +407,7 @@ impl Pipeline {
                     handler: name,
                     result,
                     duration: begun.elapsed(),
+                    waited,
                 }
             }
             .instrument(span)

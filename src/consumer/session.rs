@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::{
     Worker, WorkerState,
     ack::Acks,
+    fanout::{self, Broadcast},
     outcome::RunReport,
     pipeline::{Pipeline, PipelineConfig},
     settle::Settler,
@@ -84,6 +85,17 @@ impl Worker {
             &self.metrics,
         )
         .await;
+        let broadcast = match self.start_broadcast(&sub.conn).await {
+            Ok(broadcast) => broadcast,
+            Err(error) => {
+                drop(depths);
+                close(&sub.channel, &sub.conn).await;
+                return SessionEnd::Lost {
+                    error,
+                    consumed: false,
+                };
+            }
+        };
         info!(queue = %queue, consumer_tag = %sub.tag, handlers = self.registry.len(), "consuming");
         self.metrics.set_connected(&self.settings.app_queue(), true);
         self.state.send_replace(WorkerState::Consuming);
@@ -120,6 +132,16 @@ impl Worker {
         self.drain(&mut tasks, report, deadline).await;
         // Every task has ended: ack what is ready while the channel is open.
         acks.finish(timer).await;
+        if let Some(broadcast) = broadcast {
+            broadcast.stop(deadline).await;
+            if lost_reason.is_some() {
+                // The exclusive queue goes with the connection.
+                *self
+                    .broadcast_lost_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            }
+        }
         drop(depths);
         close(&sub.channel, &sub.conn).await;
         match lost_reason {
@@ -129,6 +151,41 @@ impl Worker {
                 consumed: true,
             },
         }
+    }
+
+    /// Declares this instance's broadcast queue and consumes it, when the
+    /// app has broadcast handlers; counts the gap since the last session
+    /// lost it.
+    async fn start_broadcast(&self, conn: &Connection) -> Result<Option<Broadcast>> {
+        let (Some(queue), Some(handlers)) = (&self.broadcast_queue, self.registry.broadcast_part())
+        else {
+            return Ok(None);
+        };
+        let started = Broadcast::start(
+            conn,
+            queue,
+            &self.registry.broadcast_binding_keys(),
+            fanout::pipeline(handlers, &self.settings),
+            &self.settings,
+            self.metrics.clone(),
+        )
+        .await?;
+        let lost_at = self
+            .broadcast_lost_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(lost_at) = lost_at {
+            let gap = lost_at.elapsed();
+            self.metrics
+                .broadcast_gap(&self.settings.app_queue(), gap.as_secs_f64());
+            warn!(
+                queue = %queue,
+                gap = ?gap,
+                "the broadcast queue is back after a lost connection; events published meanwhile were not received here"
+            );
+        }
+        Ok(Some(started))
     }
 
     /// Connects, declares the topology, sets the prefetch and subscribes.

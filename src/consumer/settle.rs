@@ -183,6 +183,10 @@ impl<A: AckFrame> Settler<A> {
         for (run, outcome) in processed.runs.iter().zip(processed.run_outcomes()) {
             self.series
                 .handler_ran(&run.handler, event, outcome, run.duration.as_secs_f64());
+            if let Some(waited) = run.waited {
+                self.metrics
+                    .permit_waited(&run.handler, waited.as_secs_f64());
+            }
         }
         if let Some(r) = processed.settlement.retry() {
             self.metrics.retried(&self.queue, r.step.number);

@@ -22,6 +22,11 @@ pub(super) struct HandlerOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct HandlerLabel {
+    pub(super) handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct HandlerEvent {
     pub(super) handler: String,
     pub(super) event: String,

@@ -6,6 +6,10 @@
 //! | `burrow_ignored_total` | queue | deliveries acked without a handler (no handler of this app subscribes to their type) |
 //! | `burrow_handler_runs_total` | handler, event, outcome | handler runs; outcome = ok, retry, dead |
 //! | `burrow_handler_duration_seconds` | handler, event | handler run time |
+//! | `burrow_handler_permit_wait_seconds` | handler | time a run of a limited handler waited for its permit ([`crate::HandlerLimits`]) |
+//! | `burrow_broadcast_dropped_total` | handler | broadcast events a handler still failed after its in-process retries, dropped on this instance |
+//! | `burrow_broadcast_gaps_total` | queue | times this instance's broadcast queue was lost with its connection (events published until it was back were missed) |
+//! | `burrow_broadcast_gap_seconds_total` | queue | how long those gaps lasted in all |
 //! | `burrow_retries_total` | queue, step | copies moved to a retry step |
 //! | `burrow_dead_letters_total` | queue, reason | copies moved to the dead-letter queue |
 //! | `burrow_ack_frames_total` | queue | `basic.ack` frames sent; one covers every completed delivery before it (`multiple`), so deliveries / frames is how well acks coalesce |
@@ -48,7 +52,8 @@ use in_flight::now_ms;
 pub(crate) use labels::RunOutcome;
 pub(crate) use labels::{AppLabels, OTHER_EVENT, PublishOutcome};
 use labels::{
-    EventOutcome, HandlerEvent, HandlerOutcome, QueueEvent, QueueLabel, QueueReason, QueueStep,
+    EventOutcome, HandlerEvent, HandlerLabel, HandlerOutcome, QueueEvent, QueueLabel, QueueReason,
+    QueueStep,
 };
 pub(crate) use queues::QueueDepths;
 pub(crate) use series::QueueSeries;
@@ -73,6 +78,10 @@ pub struct Metrics {
     ignored: Family<QueueLabel, Counter>,
     handler_runs: Family<HandlerOutcome, Counter>,
     handler_duration: Family<HandlerEvent, Histogram>,
+    permit_wait: Family<HandlerLabel, Histogram>,
+    broadcast_dropped: Family<HandlerLabel, Counter>,
+    broadcast_gaps: Family<QueueLabel, Counter>,
+    broadcast_gap_seconds: Family<QueueLabel, Counter<f64, AtomicU64>>,
     retries: Family<QueueStep, Counter>,
     dead_letters: Family<QueueReason, Counter>,
     publishes: Family<EventOutcome, Counter>,
@@ -149,6 +158,32 @@ impl Metrics {
             "Handler run time",
             handler_duration.clone(),
         );
+        let permit_wait = Family::<HandlerLabel, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "burrow_handler_permit_wait_seconds",
+            "Time a run of a limited handler waited for a concurrency or rate permit",
+            permit_wait.clone(),
+        );
+        let broadcast_dropped = Family::<HandlerLabel, Counter>::default();
+        registry.register(
+            "burrow_broadcast_dropped",
+            "Broadcast events dropped on this instance after their in-process retries",
+            broadcast_dropped.clone(),
+        );
+        let broadcast_gaps = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "burrow_broadcast_gaps",
+            "Times this instance's broadcast queue was lost with its connection",
+            broadcast_gaps.clone(),
+        );
+        let broadcast_gap_seconds = Family::<QueueLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "burrow_broadcast_gap_seconds",
+            "Seconds this instance had no broadcast queue after losing its connection",
+            broadcast_gap_seconds.clone(),
+        );
         registry.register(
             "burrow_retries",
             "Copies moved to a retry step",
@@ -217,6 +252,10 @@ impl Metrics {
             ignored,
             handler_runs,
             handler_duration,
+            permit_wait,
+            broadcast_dropped,
+            broadcast_gaps,
+            broadcast_gap_seconds,
             retries,
             dead_letters,
             publishes,
@@ -359,6 +398,63 @@ impl Metrics {
                 event: event.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// A run of limited handler `handler` waited `seconds` for its permit.
+    pub(crate) fn permit_waited(&self, handler: &str, seconds: f64) {
+        self.permit_wait
+            .get_or_create(&HandlerLabel {
+                handler: handler.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Creates the permit-wait series of the limited `handlers` at 0.
+    pub(crate) fn prime_permit_waits<'a>(&self, handlers: impl IntoIterator<Item = &'a str>) {
+        for handler in handlers {
+            let _series = self.permit_wait.get_or_create(&HandlerLabel {
+                handler: handler.to_owned(),
+            });
+        }
+    }
+
+    /// A broadcast event `handler` still failed was dropped.
+    pub(crate) fn broadcast_dropped(&self, handler: &str) {
+        self.broadcast_dropped
+            .get_or_create(&HandlerLabel {
+                handler: handler.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The broadcast queue of app queue `queue` was missing for `seconds`.
+    pub(crate) fn broadcast_gap(&self, queue: &str, seconds: f64) {
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        self.broadcast_gaps.get_or_create(&label).inc();
+        self.broadcast_gap_seconds
+            .get_or_create(&label)
+            .inc_by(seconds);
+    }
+
+    /// Creates the broadcast series of app queue `queue` and its broadcast
+    /// `handlers` at 0.
+    pub(crate) fn prime_broadcast<'a>(
+        &self,
+        queue: &str,
+        handlers: impl IntoIterator<Item = &'a str>,
+    ) {
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        let _series = self.broadcast_gaps.get_or_create(&label);
+        let _series = self.broadcast_gap_seconds.get_or_create(&label);
+        for handler in handlers {
+            let _series = self.broadcast_dropped.get_or_create(&HandlerLabel {
+                handler: handler.to_owned(),
+            });
+        }
     }
 
     pub(crate) fn retried(&self, queue: &str, step: u32) {
