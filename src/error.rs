@@ -287,6 +287,24 @@ pub enum Error {
         event_type: String,
     },
 
+    /// A delayed publish asked for a longer delay than the delay queues hold
+    /// ([`crate::DelayChain::MAX_DELAY`]).
+    #[error(
+        "cannot delay event '{event_type}' by {}: the delay queues hold at most {} (2^25 - 1 s). \
+         Fix: schedule a nearer step and publish again from it, or enqueue it in the outbox with \
+         outbox::enqueue_at (feature postgres), which has no such limit",
+        humantime::format_duration(*delay),
+        humantime::format_duration(*max)
+    )]
+    DelayTooLong {
+        /// The event type.
+        event_type: String,
+        /// The delay asked for.
+        delay: Duration,
+        /// The longest delay the chain holds.
+        max: Duration,
+    },
+
     /// The worker's consumer was cancelled or its connection ended.
     #[error("consumer on queue '{queue}' stopped: {reason}")]
     ConsumerStopped {
@@ -340,6 +358,8 @@ impl Error {
                 _ => false,
             },
             Error::DuplicateMessageId { .. } => false,
+            // The same delay is as long the next time.
+            Error::DelayTooLong { .. } => false,
         }
     }
 

@@ -31,7 +31,8 @@
 //! | `event` | [`Event`] (what a handler decodes) and [`DomainEvent`] (what a publisher sends) |
 //! | `handler` | the [`Handler`] trait, closures, the [`Registry`], [`Context`] |
 //! | `consumer/` | the [`Worker`]: sessions, pipeline, settlement, acks, [`Outcome`] |
-//! | `publisher` | [`Publisher`]: pooled confirm-mode channels; the [`Publish`] trait |
+//! | `publisher` | [`Publisher`]: pooled confirm-mode channels; the [`Publish`] trait; delayed publishes ([`Publisher::publish_after`]) |
+//! | `delay/` | [`DelayChain`]: the delay queues that hold delayed events back, walked by the broker alone |
 //! | [`wire`] | the wire contract: header names, reading, writing, the header budget |
 //! | [`asyncapi`] | the wire contract as an AsyncAPI 3.0 document, from the settings and the registry |
 //! | `topology`, `retry`, `topic`, `verify` | exchanges, queues and bindings as data ([`Topology`], [`RetryLadder`]); comparing them with the broker |
@@ -86,6 +87,7 @@ pub mod config;
 mod connection;
 pub mod console;
 mod consumer;
+mod delay;
 pub mod dlq;
 mod doctor;
 mod error;
@@ -125,7 +127,8 @@ pub use metrics::Metrics;
 pub use otel::install_propagator;
 #[cfg(feature = "postgres")]
 pub use postgres::{inbox, outbox};
-pub use publisher::{OutgoingEvent, Publish, PublishExt, Publisher};
+pub use delay::{DelayChain, DelayLevel};
+pub use publisher::{OutgoingEvent, Publish, PublishExt, Publisher, Scheduled};
 pub use retry::{RetryLadder, RetryStep};
 pub use topology::{ArgValue, BindingSpec, QueueRole, QueueSpec, Topology};
 pub use verify::Drift;

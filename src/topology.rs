@@ -96,16 +96,21 @@ impl QueueSpec {
 
     /// The arguments as the AMQP table a `queue.declare` carries.
     pub fn argument_table(&self) -> Result<FieldTable> {
-        let mut table = FieldTable::default();
-        for (k, v) in &self.arguments {
-            let value = match v {
-                ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
-                ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
-            };
-            table.insert(short_string("queue argument", k)?, value);
-        }
-        Ok(table)
+        argument_table(&self.arguments)
     }
+}
+
+/// Queue arguments as the AMQP table a `queue.declare` carries.
+pub(crate) fn argument_table(arguments: &BTreeMap<String, ArgValue>) -> Result<FieldTable> {
+    let mut table = FieldTable::default();
+    for (k, v) in arguments {
+        let value = match v {
+            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+            ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+        };
+        table.insert(short_string("queue argument", k)?, value);
+    }
+    Ok(table)
 }
 
 /// A binding of the app queue to the exchange.
@@ -441,7 +446,7 @@ fn quorum_dead_letter_args(args: &mut BTreeMap<String, ArgValue>, target_queue: 
     args.insert("x-overflow".into(), ArgValue::Str("reject-publish".into()));
 }
 
-async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<()> {
+pub(crate) async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<()> {
     channel
         .exchange_declare(
             short_string("exchange name", exchange)?,
@@ -461,7 +466,7 @@ async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<()> {
 /// RabbitMQ words it as (rabbit_misc:assert_args_equivalence):
 /// `PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none`
 /// or, for exchange types and flags, `... received 'topic' but current is 'direct'`.
-fn classify_declare_error(kind: &'static str, name: &str, error: lapin::Error) -> Error {
+pub(crate) fn classify_declare_error(kind: &'static str, name: &str, error: lapin::Error) -> Error {
     let text = match error.kind() {
         lapin::ErrorKind::ProtocolError(e) => e.get_message().to_string(),
         _ => return Error::amqp(format!("{kind} declare '{name}'"), error),

@@ -16,11 +16,13 @@
 //! `publisher.max_in_flight` permits bounds the unconfirmed window.
 
 mod publish;
+mod schedule;
 
 pub use publish::{OutgoingEvent, Publish, PublishExt};
+pub use schedule::Scheduled;
 
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -77,6 +79,10 @@ struct Inner {
     app_id: String,
     confirm_timeout: Duration,
     metrics: Metrics,
+    /// The delay queues in front of `exchange`, declared on the first
+    /// delayed publish (see `schedule.rs`).
+    delay: crate::delay::DelayChain,
+    delay_declared: AtomicBool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -170,6 +176,8 @@ impl Publisher {
                 app_id: settings.app.name.clone(),
                 confirm_timeout: settings.publisher.confirm_timeout,
                 metrics,
+                delay: crate::delay::DelayChain::new(&settings.amqp.exchange),
+                delay_declared: AtomicBool::new(false),
             }),
         })
     }

@@ -29,6 +29,9 @@ pub mod headers {
     pub const CAUSATION_ID: &str = "burrow-causation-id";
     /// The event's schema version (integer).
     pub const EVENT_VERSION: &str = "burrow-event-version";
+    /// The id of the aggregate that raised the event (string). Apps with
+    /// `[ordering]` shard on it; burrow's publisher always sends it.
+    pub const AGGREGATE_ID: &str = "burrow-aggregate-id";
     /// The original routing key (event type) on retry and dead-letter copies,
     /// which travel through the default exchange (string).
     pub const EVENT_TYPE: &str = "burrow-event-type";
@@ -49,6 +52,9 @@ pub mod headers {
     pub const DEAD_AT: &str = "burrow-dead-at";
     /// How many times a dead letter was replayed (integer).
     pub const REPLAYS: &str = "burrow-replays";
+    /// On a delayed event: when it was due, Unix milliseconds (integer). For
+    /// reading only; the delay queues, not this header, hold the event back.
+    pub const DUE_AT: &str = "burrow-due-at";
     /// On a copy whose original headers did not fit the header budget: how
     /// many headers were left out, their size, and their names (string).
     pub const DROPPED_HEADERS: &str = "burrow-dropped-headers";

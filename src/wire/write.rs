@@ -146,8 +146,9 @@ pub(crate) fn dead_copy(
 /// naming the app queue would, once its handler failed again and its retry
 /// step expired back to that queue, be seen by RabbitMQ 3.x as a
 /// dead-letter cycle and dropped; the history stays in burrow's own headers
-/// (`burrow-first-failure-at`, `burrow-replays`).
-const LEFT_BEHIND_ON_REPLAY: [&str; 11] = [
+/// (`burrow-first-failure-at`, `burrow-replays`). The `CC` of a delayed
+/// event goes too (see [`ROUTING_ONLY`]).
+const LEFT_BEHIND_ON_REPLAY: [&str; 12] = [
     headers::DEAD_REASON,
     headers::FAILED_HANDLER,
     headers::DEAD_AT,
@@ -159,7 +160,16 @@ const LEFT_BEHIND_ON_REPLAY: [&str; 11] = [
     "x-first-death-reason",
     "x-last-death-queue",
     "x-last-death-reason",
+    ROUTING_ONLY,
 ];
+
+/// The header that routed a delayed event to every subscribed app on its
+/// way out of the delay queues (RabbitMQ routes on a `CC` header's keys
+/// besides the routing key, <https://www.rabbitmq.com/docs/sender-selected>).
+/// A copy goes by queue name through the default exchange, where those keys
+/// would name queues: a retry would also land in a queue that happens to be
+/// named like the event type. Copies leave it behind.
+const ROUTING_ONLY: &str = "CC";
 
 /// The properties of a replayed copy of a dead letter: the letter's
 /// properties and headers without [`LEFT_BEHIND_ON_REPLAY`], attempt 1, one
@@ -227,7 +237,14 @@ fn copy_properties(
         own.insert(k.clone(), v.clone());
     }
     let empty = FieldTable::default();
-    let table = budget.fit(own, original.headers().as_ref().unwrap_or(&empty));
+    let original_headers = original.headers().as_ref().unwrap_or(&empty);
+    let table = if original_headers.inner().contains_key(ROUTING_ONLY) {
+        let mut kept = original_headers.inner().clone();
+        kept.remove(ROUTING_ONLY);
+        budget.fit(own, &FieldTable::from(kept))
+    } else {
+        budget.fit(own, original_headers)
+    };
     original
         .clone()
         .with_message_id(short_string_lossy(&incoming.message_id))
