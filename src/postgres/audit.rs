@@ -44,11 +44,14 @@ pub struct OutboxRecord {
     pub last_error: Option<String>,
     /// A failed row is not tried again before this time.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When a scheduled event may be published (`enqueue_at`); `None` for
+    /// an event published as soon as it is committed.
+    pub due_at: Option<DateTime<Utc>>,
 }
 
 const RECORD_COLUMNS: &str = "id, message_id, correlation_id, causation_id, aggregate_id, event_type, \
      event_version, payload, headers, occurred_at, enqueued_at, published_at, attempts, last_error, \
-     next_attempt_at";
+     next_attempt_at, due_at";
 
 impl OutboxRecord {
     fn from_row(row: &PgRow) -> std::result::Result<Self, sqlx::Error> {
@@ -68,14 +71,17 @@ impl OutboxRecord {
             attempts: row.try_get("attempts")?,
             last_error: row.try_get("last_error")?,
             next_attempt_at: row.try_get("next_attempt_at")?,
+            due_at: row.try_get("due_at")?,
         })
     }
 
-    /// `published`, `pending` or `failing`.
+    /// `published`, `pending`, `failing`, or `scheduled` (pending and not
+    /// yet due, by this machine's clock).
     pub fn status(&self) -> &'static str {
         match (self.published_at, &self.last_error) {
             (Some(_), _) => "published",
             (None, Some(_)) => "failing",
+            (None, None) if self.due_at.is_some_and(|due| due > Utc::now()) => "scheduled",
             (None, None) => "pending",
         }
     }
@@ -111,20 +117,28 @@ pub async fn audit(pool: &PgPool, aggregate_id: &str) -> Result<Vec<OutboxRecord
 /// exports as `burrow_outbox_pending` and `burrow_outbox_lag_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backlog {
-    /// Rows not yet published.
+    /// Rows waiting to be published: not yet published, and due (every row
+    /// that is not scheduled is due from its commit).
     pub pending: i64,
     /// Pending rows whose last publish attempt failed.
     pub failing: i64,
-    /// Age of the oldest pending row.
+    /// How long the oldest pending row has waited: since it was written,
+    /// or since it fell due for a scheduled one.
     pub oldest: Option<Duration>,
+    /// Scheduled rows whose due time has not come (not counted as pending).
+    pub scheduled: i64,
 }
 
 /// Reads the backlog.
 pub async fn backlog(pool: &PgPool) -> Result<Backlog> {
     let row = sqlx::query(
-        "SELECT count(*) AS pending,
+        // now(): one instant for the whole statement, so every row is
+        // either pending or scheduled.
+        "SELECT count(*) FILTER (WHERE due_at IS NULL OR due_at <= now()) AS pending,
                 count(*) FILTER (WHERE last_error IS NOT NULL) AS failing,
-                EXTRACT(EPOCH FROM clock_timestamp() - min(enqueued_at))::float8 AS oldest
+                EXTRACT(EPOCH FROM now() - min(GREATEST(enqueued_at, due_at))
+                    FILTER (WHERE due_at IS NULL OR due_at <= now()))::float8 AS oldest,
+                count(*) FILTER (WHERE due_at > now()) AS scheduled
          FROM event_outbox WHERE published_at IS NULL",
     )
     .fetch_one(pool)
@@ -136,6 +150,7 @@ pub async fn backlog(pool: &PgPool) -> Result<Backlog> {
             pending: row.try_get("pending")?,
             failing: row.try_get("failing")?,
             oldest: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            scheduled: row.try_get("scheduled")?,
         })
     };
     read().map_err(db("read the outbox backlog"))
@@ -257,6 +272,7 @@ mod tests {
             attempts: 2,
             last_error: Some("unroutable\nNO_ROUTE".into()),
             next_attempt_at: None,
+            due_at: None,
         };
         let text = render_audit(&[record]);
         assert!(text.starts_with("ID"), "{text}");

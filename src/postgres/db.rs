@@ -24,7 +24,7 @@ pub const NOTIFY_CHANNEL: &str = "burrow_outbox";
 pub const MIGRATIONS_TABLE: &str = "_burrow_migrations";
 
 /// burrow's migrations, embedded from `migrations/`.
-const MIGRATIONS: [(i64, &str, &str); 2] = [
+const MIGRATIONS: [(i64, &str, &str); 3] = [
     (
         20261124000001,
         "event outbox",
@@ -34,6 +34,11 @@ const MIGRATIONS: [(i64, &str, &str); 2] = [
         20261124000002,
         "event inbox",
         include_str!("../../migrations/20261124000002_event_inbox.sql"),
+    ),
+    (
+        20261124000003,
+        "event outbox due_at",
+        include_str!("../../migrations/20261124000003_event_outbox_due_at.sql"),
     ),
 ];
 
@@ -271,7 +276,7 @@ mod tests {
         let mut sorted = versions.clone();
         sorted.sort();
         assert_eq!(versions, sorted);
-        assert_eq!(versions.len(), 2);
+        assert_eq!(versions.len(), 3);
         assert_eq!(migrator.table_name, MIGRATIONS_TABLE);
     }
 }

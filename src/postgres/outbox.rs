@@ -44,6 +44,16 @@
 //! commits. The relay listens on its own connection and starts a batch at
 //! once; it also looks every `outbox.poll_interval`, which covers missed
 //! notifications (a lost listening connection) and the retries of failed rows.
+//!
+//! # Scheduled events
+//!
+//! [`enqueue_at`] and [`enqueue_after`] write a row with a due time
+//! (`due_at`); the relay publishes it once that time has come, on the
+//! database's clock, and [`cancel`] deletes it until then. Between batches the
+//! relay sleeps until the earliest due row or the next poll, whichever comes
+//! first, so a due row waits for no poll. A scheduled row is outside its
+//! aggregate's order: it waits for the unscheduled rows enqueued before it,
+//! but the rows enqueued after it do not wait for it.
 //! See docs/outbox.md for the table, the guarantees and the failure modes.
 
 use lapin::types::{AMQPValue, FieldTable};
@@ -56,6 +66,7 @@ use crate::{
 };
 
 pub(crate) use super::db::db;
+use super::schedule::Due;
 pub use super::{
     audit::{Backlog, OutboxRecord, audit, backlog, cleanup, render_audit},
     db::{
@@ -63,6 +74,7 @@ pub use super::{
         connect_with_retry, migrate, migrator, prepare,
     },
     relay::{BatchReport, Relay},
+    schedule::{cancel, enqueue_after, enqueue_after_with, enqueue_at, enqueue_at_with},
 };
 
 /// The first key of burrow's two-key advisory locks ("burr"), so they never
@@ -119,6 +131,16 @@ pub async fn enqueue_with<E: DomainEvent>(
     event: &E,
     meta: EventMeta,
 ) -> Result<String> {
+    insert(conn, event, meta, Due::Now).await
+}
+
+/// Writes one row; `due` is when the relay may publish it.
+pub(super) async fn insert<E: DomainEvent>(
+    conn: &mut PgConnection,
+    event: &E,
+    meta: EventMeta,
+    due: Due,
+) -> Result<String> {
     let body = serde_json::to_value(event).map_err(|source| Error::Serialize {
         event_type: E::EVENT_TYPE.to_owned(),
         source,
@@ -137,12 +159,22 @@ pub async fn enqueue_with<E: DomainEvent>(
     short_string("message id", &message_id)?;
     short_string("correlation id", &correlation_id)?;
     short_string("event type", E::EVENT_TYPE)?;
+    let (due_at, due_in) = match due {
+        Due::Now => (None, None),
+        Due::At(at) => (Some(at), None),
+        // Counted on the database's clock, the one the relay compares with.
+        Due::After(delay) => (None, Some(delay.as_secs_f64())),
+    };
     let result = sqlx::query(
         "WITH serialised AS (SELECT pg_advisory_xact_lock($1, hashtext($5)))
          INSERT INTO event_outbox
              (message_id, correlation_id, causation_id, aggregate_id, event_type,
-              event_version, payload, headers, occurred_at)
-         SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM serialised",
+              event_version, payload, headers, occurred_at, due_at)
+         SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                COALESCE($11::timestamptz,
+                         CASE WHEN $12::float8 IS NULL THEN NULL
+                              ELSE clock_timestamp() + make_interval(secs => $12::float8) END)
+         FROM serialised",
     )
     .bind(ADVISORY_NAMESPACE)
     .bind(&message_id)
@@ -154,6 +186,8 @@ pub async fn enqueue_with<E: DomainEvent>(
     .bind(Json(&body))
     .bind(Json(trace_headers()))
     .bind(event.occurred_at())
+    .bind(due_at)
+    .bind(due_in)
     .execute(&mut *conn)
     .await;
     match result {

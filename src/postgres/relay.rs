@@ -145,14 +145,16 @@ impl Relay {
             .begin()
             .await
             .map_err(db("begin an outbox batch"))?;
+        // Scheduled rows (due_at set) take no part in an aggregate's order:
+        // they are claimed on their own once due (schedule.rs).
         let heads: Vec<String> = sqlx::query_scalar(
             "SELECT o.aggregate_id FROM event_outbox o
-             WHERE o.published_at IS NULL
+             WHERE o.published_at IS NULL AND o.due_at IS NULL
                AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= clock_timestamp())
                AND NOT EXISTS (
                    SELECT 1 FROM event_outbox e
                    WHERE e.aggregate_id = o.aggregate_id
-                     AND e.published_at IS NULL
+                     AND e.published_at IS NULL AND e.due_at IS NULL
                      AND e.id < o.id)
              ORDER BY o.id
              LIMIT $1
@@ -162,28 +164,34 @@ impl Relay {
         .fetch_all(&mut *tx)
         .await
         .map_err(db("claim outbox heads"))?;
-        if heads.is_empty() {
+        let due = super::schedule::claim_due(&mut tx, batch_size).await?;
+        if heads.is_empty() && due.is_empty() {
             tx.commit().await.map_err(db("end an empty outbox batch"))?;
             return Ok(BatchReport::default());
         }
         // An even share of the batch per aggregate: one busy aggregate gets
         // the whole batch, many get one row each.
-        let share = (batch_size / heads.len() as i64).max(1);
+        let share = (batch_size / heads.len().max(1) as i64).max(1);
+        // A scheduled row's delay is measured from its due time, not from
+        // when it was written (GREATEST ignores the NULL of other rows).
         let rows = sqlx::query(
             "SELECT id, message_id, correlation_id, causation_id, aggregate_id, event_type,
-                    event_version, payload, headers, occurred_at, enqueued_at, attempts
+                    event_version, payload, headers, occurred_at,
+                    GREATEST(enqueued_at, due_at) AS enqueued_at, attempts
              FROM event_outbox
              WHERE id IN (
                  SELECT id FROM (
                      SELECT id, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS n
                      FROM event_outbox
-                     WHERE aggregate_id = ANY($1) AND published_at IS NULL) ranked
+                     WHERE aggregate_id = ANY($1) AND published_at IS NULL AND due_at IS NULL) ranked
                  WHERE n <= $2)
+                OR id = ANY($3)
              ORDER BY id
              FOR UPDATE",
         )
         .bind(&heads)
         .bind(share)
+        .bind(&due)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("lock the claimed aggregates' outbox rows"))?;
@@ -462,7 +470,12 @@ impl Relay {
             self.refresh_backlog().await;
             last_refresh = Instant::now();
             // While the database is away: 200 ms doubling to 30 s, jittered.
-            let wait = retry_in.unwrap_or(settings.poll_interval);
+            // Otherwise until the next poll, or until the earliest scheduled
+            // row falls due if that comes first.
+            let wait = match retry_in {
+                Some(delay) => delay,
+                None => super::schedule::next_wait(&self.inner.pool, settings.poll_interval).await,
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = wake.notified() => {}
