@@ -27,9 +27,29 @@ demo: broker ## run the end-to-end demo against the broker
 browser: ## make sure headless Chromium and chromedriver are installed (the console's browser test)
 	bash scripts/install-browser.sh
 
-test: broker postgres browser ## run every test target with every feature (postgres included), then the doc tests
+test: broker postgres browser ## run every test target with every feature (postgres included), the doc tests, the TypeScript publisher's tests and the AsyncAPI check
 	$(CARGO) test $(LOCKED) --all-features --all-targets
 	$(CARGO) test $(LOCKED) --all-features --doc
+	$(MAKE) test-typescript asyncapi-check
+
+# The binary the TypeScript tests run as a worker and the AsyncAPI check asks
+# for its document (the debug build `cargo test` made too).
+BURROW_BIN ?= $(CURDIR)/target/debug/burrow
+# npm ci from the committed lock files; no package's install script runs.
+NPM_CI = npm ci --ignore-scripts --no-audit --no-fund
+
+.PHONY: burrow-bin
+burrow-bin:
+	$(CARGO) build $(LOCKED) --all-features --bin burrow
+
+.PHONY: test-typescript
+test-typescript: broker burrow-bin ## the TypeScript publisher (clients/typescript): tsc, its tests against the broker and a burrow worker
+	cd clients/typescript && $(NPM_CI) && BURROW_BIN='$(BURROW_BIN)' npm test
+
+.PHONY: asyncapi-check
+asyncapi-check: burrow-bin ## validate docs/asyncapi.yaml with AsyncAPI's own parser and compare it with `burrow asyncapi --output json`
+	cd scripts/asyncapi-check && $(NPM_CI)
+	node scripts/asyncapi-check/check.mjs docs/asyncapi.yaml --burrow '$(BURROW_BIN)'
 
 lint: ## check formatting and clippy warnings
 	$(CARGO) fmt --all --check

@@ -4,7 +4,10 @@ use serde_json::json;
 use super::*;
 use crate::{Context, Event, HandlerError};
 
+// The test views are never handled, only described: their fields are never read.
+
 /// One handler's view of a card event: the fields it reads.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct CardForFeeds {
@@ -20,6 +23,7 @@ impl Event for CardForFeeds {
 }
 
 /// Another view of the same event, with a nested type.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct CardForNotifications {
@@ -27,6 +31,7 @@ struct CardForNotifications {
     library: Library,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct Library {
     id: String,
