@@ -5,7 +5,7 @@
 //! with the named reason, or ignored. The TypeScript publisher's tests
 //! (clients/typescript) check their output against the same files, so the
 //! two sides cannot drift. The format is described in
-//! docs/wire-contract.md §10.
+//! docs/wire-contract.md §11.
 
 mod common;
 
