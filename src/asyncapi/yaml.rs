@@ -18,7 +18,8 @@ use serde_json::Value;
 ///     "asyncapi": "3.0.0",
 ///     "info": { "title": "burrow app library", "tags": [] },
 /// }));
-/// assert_eq!(yaml, "asyncapi: \"3.0.0\"\ninfo:\n  title: burrow app library\n  tags: []\n");
+/// // serde_json's maps are sorted by key.
+/// assert_eq!(yaml, "asyncapi: \"3.0.0\"\ninfo:\n  tags: []\n  title: burrow app library\n");
 /// ```
 pub fn to_yaml(value: &Value) -> String {
     let mut out = String::new();
