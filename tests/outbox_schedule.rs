@@ -23,9 +23,12 @@ use common::{CardAdded, Cleanup, eventually_within, node::Node, start_worker, un
 use pg::{TestDb, outbox_settings, relay};
 use tokio_util::sync::CancellationToken;
 
+/// One arrival: the event's title and when the handler got it.
+type Arrival = (String, DateTime<Utc>);
+
 /// When the app received each event, by title.
 #[derive(Clone, Default)]
-struct Arrivals(Arc<Mutex<Vec<(String, DateTime<Utc>)>>>);
+struct Arrivals(Arc<Mutex<Vec<Arrival>>>);
 
 impl Arrivals {
     fn registry(&self) -> Registry {

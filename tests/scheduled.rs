@@ -22,9 +22,12 @@ use common::{
     within,
 };
 
+/// One arrival: the app, the event's aggregate id, when the handler got it.
+type Arrival = (String, String, DateTime<Utc>);
+
 /// Which app received which event (by aggregate id) at what time.
 #[derive(Clone, Default)]
-struct Arrivals(Arc<Mutex<Vec<(String, String, DateTime<Utc>)>>>);
+struct Arrivals(Arc<Mutex<Vec<Arrival>>>);
 
 impl Arrivals {
     /// A registry whose handler records every `CardAdded` as `app` received it.

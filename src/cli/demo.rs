@@ -2,15 +2,19 @@
 //!
 //! Starts a worker for a throw-away app (`<app.name>-demo-<id>`) with the
 //! app's handler modules plus one demo handler that fails once, publishes the
-//! modules' sample events, one event for the flaky handler and one body that
-//! is not JSON, waits until every message has settled for good, prints what
-//! happened and deletes the demo's queues and exchange.
+//! modules' sample events, one event for the flaky handler, one body that is
+//! not JSON and one event delayed by two seconds (through the delay queues),
+//! waits until every message has settled for good, prints what happened and
+//! deletes the demo's queues, delay queues and exchange.
 //!
 //! Everything happens on an exchange of the demo's own
 //! (`burrow-demo-<id>`), never on the configured one: run against a
 //! production broker, the samples (and the broken body) reach no real app.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use lapin::{BasicProperties, types::ShortString};
@@ -18,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{CliResult, output::Out};
 use crate::{
-    Context, DomainEvent, Event, EventMeta, HandlerError, Outcome, Publisher, Registry, Settings,
-    Topology, Worker, connection,
+    Context, DelayChain, DomainEvent, Event, EventMeta, HandlerError, Outcome, Publisher, Registry,
+    Settings, Topology, Worker, connection,
     error::{Error, Result},
 };
 
@@ -42,6 +46,29 @@ impl DomainEvent for DemoFlakyEvent {
         Utc::now()
     }
 }
+
+/// The event the demo publishes for later ("send the reminder in 2 s").
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DemoReminderEvent {
+    aggregate_id: String,
+}
+
+impl Event for DemoReminderEvent {
+    const EVENT_TYPE: &'static str = "BurrowDemoReminderEvent";
+}
+
+impl DomainEvent for DemoReminderEvent {
+    fn aggregate_id(&self) -> String {
+        self.aggregate_id.clone()
+    }
+    fn occurred_at(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// How long the demo's delayed event waits.
+const REMINDER_DELAY: Duration = Duration::from_secs(2);
 
 /// What the demo saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -79,6 +106,10 @@ pub(super) async fn run(
             }
             Ok(())
         },
+    )?;
+    registry.on(
+        "demo.send_reminder",
+        |_event: DemoReminderEvent, _ctx: Context| async move { Ok::<(), HandlerError>(()) },
     )?;
 
     let topology = Topology::for_app(&settings, &registry);
@@ -170,6 +201,25 @@ pub(super) async fn run(
                 format!("{event_type} with a truncated JSON body"),
             );
         }
+        let reminder_id = format!("demo-{}-reminder", &id[..6]);
+        let delayed_at = Instant::now();
+        let scheduled = publisher
+            .publish_after_with(
+                &DemoReminderEvent {
+                    aggregate_id: "card-1".into(),
+                },
+                REMINDER_DELAY,
+                EventMeta::default().message_id(&reminder_id),
+            )
+            .await?;
+        labels.insert(
+            reminder_id.clone(),
+            format!(
+                "{} (published for {} UTC, 2 s later)",
+                DemoReminderEvent::EVENT_TYPE,
+                scheduled.due_at.format("%H:%M:%S%.3f")
+            ),
+        );
         out.line(&format!(
             "published {} messages, waiting for each to settle...",
             labels.len()
@@ -189,6 +239,12 @@ pub(super) async fn run(
                 continue;
             };
             out.line(&outcome_line(&label, &outcome))?;
+            if outcome.message_id == reminder_id {
+                out.line(&format!(
+                    "           it waited {:.1} s in the delay queues; nothing delivers it early",
+                    delayed_at.elapsed().as_secs_f64()
+                ))?;
+            }
             if outcome.retried.is_some() {
                 summary.retried += 1;
             }
@@ -211,6 +267,9 @@ pub(super) async fn run(
         let conn = connection::open(&settings.amqp, "burrow demo cleanup").await?;
         let deleted = async {
             topology.delete_queues(&conn).await?;
+            DelayChain::new(&settings.amqp.exchange)
+                .delete(&conn)
+                .await?;
             topology.delete_exchange(&conn).await
         }
         .await;
@@ -225,7 +284,9 @@ pub(super) async fn run(
         "summary: handled {}, retried {}, dead-lettered {}",
         summary.handled, summary.retried, summary.dead_lettered
     ))?;
-    out.line("(demo queues and exchange deleted; run `burrow run` to start a real worker)")?;
+    out.line(
+        "(demo queues, delay queues and exchange deleted; run `burrow run` to start a real worker)",
+    )?;
     out.json(&serde_json::json!({
         "app": settings.app.name,
         "exchange": settings.amqp.exchange,
