@@ -123,6 +123,10 @@ have_docker_compose() {
   docker info >/dev/null 2>&1 || { warn "docker is installed but its engine does not answer"; return 1; }
 }
 
+# Plugins burrow's features need; they ship with RabbitMQ. The consistent-hash
+# exchange routes the shards of apps with [ordering].
+PLUGINS=(rabbitmq_consistent_hash_exchange)
+
 enable_feature_flags() {
   local how="$1"
   case "$how" in
@@ -134,6 +138,11 @@ enable_feature_flags() {
         else
           warn "could not enable feature flags with rabbitmqctl (run 'rabbitmqctl enable_feature_flag all' as root or the rabbitmq user)"
         fi
+        if have rabbitmq-plugins && timeout 60 rabbitmq-plugins -q enable "${PLUGINS[@]}" >/dev/null 2>&1; then
+          log "plugins enabled: ${PLUGINS[*]}"
+        else
+          warn "could not enable ${PLUGINS[*]} (run 'rabbitmq-plugins enable ${PLUGINS[*]}' as root); apps with [ordering] need it"
+        fi
       else
         log "rabbitmqctl not usable for ${display_host}; make sure all feature flags are enabled on the broker (RabbitMQ >= 3.10)"
       fi
@@ -143,6 +152,11 @@ enable_feature_flags() {
         log "all feature flags enabled"
       else
         warn "could not enable feature flags in the rabbitmq container"
+      fi
+      if (cd "$REPO_ROOT" && timeout 60 compose exec -T rabbitmq rabbitmq-plugins -q enable "${PLUGINS[@]}") >/dev/null 2>&1; then
+        log "plugins enabled: ${PLUGINS[*]}"
+      else
+        warn "could not enable ${PLUGINS[*]} in the rabbitmq container"
       fi
       ;;
   esac

@@ -117,6 +117,7 @@ pub use consumer::{
     DeadLetterMove, DeadLettered, Outcome, Retried, RetryMove, RunReport, Settlement, Worker,
     WorkerHandle, WorkerState,
 };
+pub use delay::{DelayChain, DelayLevel};
 pub use error::{Error, Result};
 pub use event::{DomainEvent, Event, EventMeta};
 pub use handler::{BoxError, Context, Failure, Handler, HandlerError, Registry, ResultExt};
@@ -127,10 +128,9 @@ pub use metrics::Metrics;
 pub use otel::install_propagator;
 #[cfg(feature = "postgres")]
 pub use postgres::{inbox, outbox};
-pub use delay::{DelayChain, DelayLevel};
 pub use publisher::{OutgoingEvent, Publish, PublishExt, Publisher, Scheduled};
 pub use retry::{RetryLadder, RetryStep};
-pub use topology::{ArgValue, BindingSpec, QueueRole, QueueSpec, Topology};
+pub use topology::{ArgValue, BindingSpec, QueueRole, QueueSpec, ShardExchange, Topology};
 pub use verify::Drift;
 pub use wire::DeadReason;
 

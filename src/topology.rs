@@ -27,6 +27,9 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 
+mod ordered;
+
+pub use self::ordered::ShardExchange;
 use crate::{
     config::{QueueType, Settings},
     error::{Error, Result},
@@ -46,6 +49,8 @@ pub enum ArgValue {
     Str(String),
     /// An integer argument (`x-message-ttl`).
     Int(i64),
+    /// A boolean argument (`x-single-active-consumer`).
+    Bool(bool),
 }
 
 impl fmt::Display for ArgValue {
@@ -53,6 +58,7 @@ impl fmt::Display for ArgValue {
         match self {
             ArgValue::Str(s) => write!(f, "{s:?}"),
             ArgValue::Int(n) => write!(f, "{n}"),
+            ArgValue::Bool(b) => write!(f, "{b}"),
         }
     }
 }
@@ -67,6 +73,8 @@ pub enum QueueRole {
     Retry(u32),
     /// The dead-letter queue.
     Dead,
+    /// Shard `n` of an ordered app ([`crate::config::OrderingSettings`]).
+    Shard(u16),
 }
 
 /// A durable queue and its arguments.
@@ -107,6 +115,7 @@ pub(crate) fn argument_table(arguments: &BTreeMap<String, ArgValue>) -> Result<F
         let value = match v {
             ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
             ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+            ArgValue::Bool(b) => AMQPValue::Boolean(*b),
         };
         table.insert(short_string("queue argument", k)?, value);
     }
@@ -131,8 +140,11 @@ pub struct Topology {
     pub exchange: String,
     /// App queue, retry steps, dead-letter queue, in that order.
     pub queues: Vec<QueueSpec>,
-    /// One binding per distinct binding key of the registry.
+    /// One binding per distinct binding key of the registry (to the app
+    /// queue; to the shard exchange instead in an ordered app).
     pub bindings: Vec<BindingSpec>,
+    /// The shard exchange of an ordered app.
+    pub shards: Option<ordered::ShardExchange>,
 }
 
 impl Topology {
@@ -165,7 +177,14 @@ impl Topology {
             arguments: app_args,
         });
 
-        for step in ladder.steps() {
+        // An ordered app retries in the worker (the ladder would let later
+        // events of the aggregate pass): it has no retry steps.
+        let steps = if settings.ordering.enabled() {
+            &[][..]
+        } else {
+            ladder.steps()
+        };
+        for step in steps {
             let mut args = BTreeMap::new();
             quorum_dead_letter_args(&mut args, &app_queue);
             args.insert(
@@ -201,26 +220,35 @@ impl Topology {
                 ArgValue::Int(DEAD_LETTER_DELIVERY_LIMIT),
             );
         }
+        let shard_args = queues[0].arguments.clone();
         queues.push(QueueSpec {
             name: dead_queue,
             role: QueueRole::Dead,
             arguments: dead_args,
         });
 
-        let bindings = registry
-            .binding_keys()
-            .into_iter()
-            .map(|key| BindingSpec {
-                exchange: settings.amqp.exchange.clone(),
-                queue: app_queue.clone(),
-                key,
-            })
-            .collect();
+        let shards = ordered::ShardExchange::for_app(settings, registry);
+        let bindings = match &shards {
+            Some(shards) => {
+                queues.extend(shards.queues(shard_args));
+                Vec::new()
+            }
+            None => registry
+                .binding_keys()
+                .into_iter()
+                .map(|key| BindingSpec {
+                    exchange: settings.amqp.exchange.clone(),
+                    queue: app_queue.clone(),
+                    key,
+                })
+                .collect(),
+        };
 
         Topology {
             exchange: settings.amqp.exchange.clone(),
             queues,
             bindings,
+            shards,
         }
     }
 
@@ -380,6 +408,9 @@ impl Topology {
                     )
                 })?;
         }
+        if let Some(shards) = &self.shards {
+            shards.declare_on(&channel, &self.exchange).await?;
+        }
         if channel.status().connected() {
             let _ = channel.close(200, "topology declared".into()).await;
         }
@@ -518,6 +549,7 @@ impl fmt::Display for Topology {
                 QueueRole::App => "app queue".to_string(),
                 QueueRole::Retry(n) => format!("retry step {n}"),
                 QueueRole::Dead => "dead letters".to_string(),
+                QueueRole::Shard(n) => format!("shard {n}, single active consumer"),
             };
             writeln!(f, "queue {} ({role}, durable)", q.name)?;
             for (k, v) in &q.arguments {
@@ -526,6 +558,9 @@ impl fmt::Display for Topology {
         }
         for b in &self.bindings {
             writeln!(f, "binding {} -> {} key {}", b.exchange, b.queue, b.key)?;
+        }
+        if let Some(shards) = &self.shards {
+            write!(f, "{shards}")?;
         }
         Ok(())
     }

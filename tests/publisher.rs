@@ -103,9 +103,9 @@ async fn publishing_an_event_nobody_binds_is_unroutable() {
         delivered.properties.app_id().as_ref().map(|s| s.as_str()),
         Some(settings.app.name.as_str())
     );
-    // Version 1 is the contract's default and is not sent: with nothing else
-    // to carry, the publisher sends no headers table. What arrives holds only
-    // what the broker adds itself (a quorum queue's x-delivery-count).
+    // Version 1 is the contract's default and is not sent: the only header
+    // of a plain event is its aggregate id (what ordered apps shard on),
+    // beside what the broker adds itself (a quorum queue's x-delivery-count).
     let sent: Vec<String> = delivered
         .properties
         .headers()
@@ -119,9 +119,14 @@ async fn publishing_an_event_nobody_binds_is_unroutable() {
                 .collect()
         })
         .unwrap_or_default();
-    assert!(
-        sent.is_empty(),
-        "headers sent with a version-1 event: {sent:?}"
+    assert_eq!(
+        sent,
+        vec!["burrow-aggregate-id".to_owned()],
+        "headers sent with a version-1 event"
+    );
+    assert_eq!(
+        header_str(&delivered.properties, "burrow-aggregate-id").as_deref(),
+        Some(event.aggregate_id.as_str())
     );
 
     // A causation id still travels as a header, and the version stays

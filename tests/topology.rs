@@ -182,6 +182,7 @@ async fn retry_steps_an_earlier_burrow_declared_are_kept() {
         let value = match value {
             burrow::ArgValue::Str(s) => AMQPValue::LongString(s.as_str().into()),
             burrow::ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+            burrow::ArgValue::Bool(b) => AMQPValue::Boolean(*b),
         };
         args.insert(key.as_str().into(), value);
     }

@@ -695,6 +695,7 @@ fn field_table(args: &BTreeMap<String, ArgValue>) -> FieldTable {
         let value = match v {
             ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
             ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+            ArgValue::Bool(b) => AMQPValue::Boolean(*b),
         };
         table.insert(ShortString::from(k.as_str()), value);
     }

@@ -13,6 +13,7 @@
 //! | `secret.rs` | [`AmqpUrl`], [`DatabaseUrl`] and password files: secrets that never print |
 
 mod http;
+mod ordering;
 mod secret;
 mod sections;
 
@@ -20,7 +21,7 @@ use std::{fmt, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-pub use self::{http::*, secret::*, sections::*};
+pub use self::{http::*, ordering::*, secret::*, sections::*};
 use crate::error::{Error, Result};
 
 /// All of burrow's settings. Build one with [`Settings::load`] (files and
@@ -56,6 +57,8 @@ pub struct Settings {
     /// Per-handler concurrency and rate limits, by handler name
     /// (`[limits."billing.charge_card"]`), over those set in code.
     pub limits: std::collections::BTreeMap<String, crate::limit::LimitSettings>,
+    /// Per-aggregate order: shard queues over a consistent-hash exchange.
+    pub ordering: OrderingSettings,
 }
 
 impl Settings {
@@ -251,6 +254,7 @@ impl Settings {
         }
         self.management.validate()?;
         self.http.validate()?;
+        self.ordering.validate(&self.retry.delays)?;
         for (handler, limits) in &self.limits {
             limits.limits(handler)?;
         }

@@ -8,6 +8,8 @@
 //! | `settle.rs` | carrying a settlement out: copies confirmed, then ack or nack |
 //! | `ack.rs` | coalesced acks: one `basic.ack` (multiple) per run of settled deliveries |
 //! | `fanout.rs` | broadcast handlers: a queue per instance, in-process retries |
+//! | `ordered.rs` | ordered apps: one aggregate at a time, retries in place |
+//! | `merge.rs` | several consumers of one channel as one stream, in delivery-tag order |
 //! | `outcome.rs` | what the worker reports: [`Outcome`], [`RunReport`], [`WorkerState`] |
 //!
 //! A delivery is settled in one place (`settle.rs`), at most once, after
@@ -32,6 +34,8 @@
 
 mod ack;
 mod fanout;
+mod merge;
+mod ordered;
 mod outcome;
 pub(crate) mod pipeline;
 mod session;

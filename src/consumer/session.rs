@@ -18,6 +18,7 @@ use super::{
     Worker, WorkerState,
     ack::Acks,
     fanout::{self, Broadcast},
+    merge,
     outcome::RunReport,
     pipeline::{Pipeline, PipelineConfig},
     settle::Settler,
@@ -56,6 +57,32 @@ struct Subscribed {
     channel: Channel,
     consumer: Consumer,
     tag: String,
+    /// An ordered app's shard consumers, on the same channel (so one ack
+    /// window covers every delivery tag), with their tags.
+    shards: Vec<(Consumer, String)>,
+}
+
+/// What the consumers of a session yield, in delivery-tag order.
+type Deliveries = futures_util::stream::BoxStream<'static, merge::Item>;
+
+impl Subscribed {
+    fn deliveries(&self) -> Deliveries {
+        use futures_util::stream;
+        if self.shards.is_empty() {
+            // One consumer: its own order is the tag order.
+            return self
+                .consumer
+                .clone()
+                .map(Some)
+                .chain(stream::once(async { None }))
+                .boxed();
+        }
+        let all = std::iter::once(&self.consumer)
+            .chain(self.shards.iter().map(|(c, _)| c))
+            .cloned()
+            .collect();
+        merge::InTagOrder::new(all).boxed()
+    }
 }
 
 impl Worker {
@@ -67,7 +94,7 @@ impl Worker {
         shutdown: &mut Pin<&mut F>,
         report: &mut RunReport,
     ) -> SessionEnd {
-        let mut sub = match self.subscribe().await {
+        let sub = match self.subscribe().await {
             Ok(sub) => sub,
             Err(error) => {
                 return SessionEnd::Lost {
@@ -113,9 +140,10 @@ impl Worker {
             self.metrics.clone(),
         ));
         let mut tasks = JoinSet::new();
+        let mut deliveries = sub.deliveries();
         let lost_reason = self
             .consume(
-                &mut sub.consumer,
+                &mut deliveries,
                 &acks,
                 &settler,
                 &mut tasks,
@@ -217,15 +245,37 @@ impl Worker {
                 )
                 .await
                 .map_err(|e| Error::amqp(format!("basic.consume on '{queue}'"), e))?;
-            Ok::<_, Error>((channel, consumer))
+            // Every instance subscribes to every shard; the broker makes one
+            // consumer per shard the active one (x-single-active-consumer).
+            let mut shards = Vec::new();
+            for shard in self
+                .topology()
+                .shards
+                .iter()
+                .flat_map(|s| s.shard_queues.clone())
+            {
+                let shard_tag = format!("{tag}.{}", shard.rsplit('.').next().unwrap_or("shard"));
+                let consumer = channel
+                    .basic_consume(
+                        wire::short_string("queue name", &shard)?,
+                        wire::short_string("consumer tag", &shard_tag)?,
+                        BasicConsumeOptions::default(),
+                        consume_arguments(settings),
+                    )
+                    .await
+                    .map_err(|e| Error::amqp(format!("basic.consume on '{shard}'"), e))?;
+                shards.push((consumer, shard_tag));
+            }
+            Ok::<_, Error>((channel, consumer, shards))
         }
         .await;
         match opened {
-            Ok((channel, consumer)) => Ok(Subscribed {
+            Ok((channel, consumer, shards)) => Ok(Subscribed {
                 conn: Arc::new(conn),
                 channel,
                 consumer,
                 tag,
+                shards,
             }),
             Err(e) => {
                 if conn.status().connected() {
@@ -241,7 +291,7 @@ impl Worker {
     /// completes on its first poll, else by a task of its own.
     async fn consume<F: Future<Output = ()>>(
         &self,
-        consumer: &mut Consumer,
+        deliveries: &mut Deliveries,
         acks: &Acks,
         settler: &Arc<Settler>,
         tasks: &mut JoinSet<()>,
@@ -261,7 +311,7 @@ impl Worker {
             let next = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return None,
-                next = consumer.next() => next,
+                next = deliveries.next() => next.flatten(),
             };
             while let Some(done) = tasks.try_join_next() {
                 report.settled += u64::from(done.is_ok());
@@ -322,18 +372,20 @@ impl Worker {
         if !sub.channel.status().connected() {
             return;
         }
-        let Ok(tag) = wire::short_string("consumer tag", &sub.tag) else {
-            return;
-        };
         // A broker that went silent never answers; waiting for the heartbeat
         // to notice (2 × amqp.heartbeat) would outlast a container's
         // termination grace period.
-        match tokio::time::timeout_at(
-            deadline,
-            sub.channel.basic_cancel(tag, BasicCancelOptions::default()),
-        )
-        .await
-        {
+        let cancels = async {
+            for tag in std::iter::once(&sub.tag).chain(sub.shards.iter().map(|(_, t)| t)) {
+                let tag = wire::short_string("consumer tag", tag)?;
+                sub.channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| Error::amqp("basic.cancel", e))?;
+            }
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout_at(deadline, cancels).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 warn!(error = %e, "basic.cancel failed; closing the channel returns unstarted deliveries anyway");

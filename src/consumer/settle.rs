@@ -8,7 +8,7 @@
 //! not confirmed, it is returned with `basic.reject(requeue)` here and comes
 //! back later. Nothing is acked before its copies are confirmed.
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use lapin::{Acker, BasicProperties, message::Delivery};
 use tokio::sync::broadcast;
@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{
     ack::{AckFrame, Acks},
+    ordered::{self, Turns},
     outcome::Outcome,
     pipeline::{DeadLetterMove, Pipeline, Processed, RetryMove, Settlement},
 };
@@ -82,6 +83,8 @@ pub(super) struct Settler<A: AckFrame = Acker> {
     series: QueueSeries,
     /// Cancelled when the session drains: handlers see it in their context.
     shutdown: CancellationToken,
+    /// The aggregates' turns, in an ordered app ([`super::ordered`]).
+    turns: Option<Arc<Turns>>,
 }
 
 impl<A: AckFrame> Settler<A> {
@@ -105,6 +108,10 @@ impl<A: AckFrame> Settler<A> {
             outcomes,
             metrics,
             shutdown: CancellationToken::new(),
+            turns: settings
+                .ordering
+                .enabled()
+                .then(|| Arc::new(Turns::default())),
         }
     }
 
@@ -146,10 +153,41 @@ impl Settler<Acker> {
         #[cfg(feature = "otel")]
         crate::otel::set_parent(&span, properties.headers().as_ref());
         async {
-            let processed = self
+            // An ordered app: the aggregate's turn first, asked for on this
+            // future's first poll, which the consumer makes on arrival.
+            let _turn = match &self.turns {
+                Some(turns) => Some(turns.take(ordered::aggregate_of(&properties)).await),
+                None => None,
+            };
+            let again = self.turns.is_some().then(|| incoming.clone());
+            let mut processed = self
                 .pipeline
                 .process_incoming(incoming, &properties, &data, &self.shutdown)
                 .await;
+            if let Some(incoming) = again {
+                let held = ordered::retry_in_place(
+                    &self.pipeline,
+                    processed,
+                    incoming,
+                    &properties,
+                    &data,
+                    &self.shutdown,
+                    |round| self.record_round(round),
+                )
+                .await;
+                let Some(done) = held else {
+                    // Stopping while it waits: back to its queue, in place.
+                    if !matches!(acker.requeue().await, Ok(true)) {
+                        warn!(
+                            "basic.reject not sent: the channel is closed; the broker redelivers it"
+                        );
+                    }
+                    self.acks.returned(delivery_tag).await;
+                    drop(in_flight);
+                    return;
+                };
+                processed = done;
+            }
             self.record_metrics(&processed);
             let settled = self.settle(&processed, &properties, &data, &acker).await;
             // Outcomes are built only for subscribers (tests, the demo).
@@ -196,6 +234,19 @@ impl<A: AckFrame> Settler<A> {
         }
         if matches!(processed.settlement, Settlement::Ignore { .. }) {
             self.metrics.delivery_ignored(&self.queue);
+        }
+    }
+
+    /// The handler runs of a round an ordered app retries in place, and the
+    /// retry itself.
+    fn record_round(&self, processed: &Processed) {
+        let event = processed.incoming.event_type.as_str();
+        for (run, outcome) in processed.runs.iter().zip(processed.run_outcomes()) {
+            self.series
+                .handler_ran(&run.handler, event, outcome, run.duration.as_secs_f64());
+        }
+        if let Some(r) = processed.settlement.retry() {
+            self.metrics.retried(&self.queue, r.step.number);
         }
     }
 

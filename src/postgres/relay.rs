@@ -85,6 +85,7 @@ impl std::fmt::Debug for Relay {
 /// A claimed row, as much of it as publishing needs.
 struct Claimed {
     id: i64,
+    aggregate_id: String,
     message_id: String,
     correlation_id: String,
     causation_id: Option<String>,
@@ -202,6 +203,7 @@ impl Relay {
                     row.try_get("aggregate_id")?,
                     Claimed {
                         id: row.try_get("id")?,
+                        aggregate_id: row.try_get("aggregate_id")?,
                         message_id: row.try_get("message_id")?,
                         correlation_id: row.try_get("correlation_id")?,
                         causation_id: row.try_get("causation_id")?,
@@ -336,6 +338,7 @@ impl Relay {
         let properties = crate::wire::event_properties(crate::wire::NewEvent {
             event_type: &row.event_type,
             version: row.event_version,
+            aggregate_id: &row.aggregate_id,
             occurred_at: row.occurred_at.timestamp().max(0) as u64,
             message_id: &row.message_id,
             correlation_id: &row.correlation_id,

@@ -207,6 +207,7 @@ impl Publisher {
             E::EVENT_TYPE,
             E::VERSION,
             event.occurred_at().timestamp().max(0) as u64,
+            &event.aggregate_id(),
             meta,
         )?;
         self.send_counted(
@@ -246,7 +247,13 @@ impl Publisher {
             source,
         })?;
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        let props = self.event_properties(event_type, 1, now, meta)?;
+        // A JSON body names its aggregate in `aggregateId`, as the
+        // contract's events do; without one the header is left out.
+        let aggregate = body
+            .get("aggregateId")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let props = self.event_properties(event_type, 1, now, aggregate, meta)?;
         self.send_counted(event_type, &self.inner.exchange, event_type, &bytes, &props)
             .await
     }
@@ -415,6 +422,7 @@ impl Publisher {
         event_type: &str,
         version: u32,
         timestamp: u64,
+        aggregate_id: &str,
         meta: EventMeta,
     ) -> Result<BasicProperties> {
         let message_id = meta
@@ -428,6 +436,7 @@ impl Publisher {
         wire::event_properties(wire::NewEvent {
             event_type,
             version: i64::from(version),
+            aggregate_id,
             occurred_at: timestamp,
             message_id: &message_id,
             correlation_id,

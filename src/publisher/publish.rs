@@ -90,10 +90,10 @@ impl Publish for Publisher {
             let OutgoingEvent {
                 event_type,
                 version,
+                aggregate_id,
                 occurred_at,
                 body,
                 meta,
-                ..
             } = event;
             if !body.is_object() {
                 return Err(Error::InvalidEvent {
@@ -109,6 +109,7 @@ impl Publish for Publisher {
                 &event_type,
                 version,
                 occurred_at.timestamp().max(0) as u64,
+                &aggregate_id,
                 meta,
             )?;
             self.send_counted(

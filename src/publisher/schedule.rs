@@ -189,6 +189,7 @@ impl Publisher {
             E::EVENT_TYPE,
             E::VERSION,
             event.occurred_at().timestamp().max(0) as u64,
+            &event.aggregate_id(),
             meta,
         )?;
         let mut table = properties.headers().clone().unwrap_or_default();

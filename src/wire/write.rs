@@ -41,6 +41,8 @@ pub(crate) fn short_string(what: &'static str, s: &str) -> crate::Result<ShortSt
 pub(crate) struct NewEvent<'a> {
     pub(crate) event_type: &'a str,
     pub(crate) version: i64,
+    /// The aggregate that raised it (`burrow-aggregate-id`); empty: none.
+    pub(crate) aggregate_id: &'a str,
     /// When it happened, Unix seconds (the AMQP `timestamp`).
     pub(crate) occurred_at: u64,
     pub(crate) message_id: &'a str,
@@ -69,6 +71,13 @@ pub(crate) fn event_properties(event: NewEvent<'_>) -> crate::Result<BasicProper
     }
     if let Some(causation) = event.causation_id {
         table.insert(headers::CAUSATION_ID.into(), long_string(causation));
+    }
+    // Ordered apps shard on it (docs/wire-contract.md §5).
+    if !event.aggregate_id.is_empty() {
+        table.insert(
+            headers::AGGREGATE_ID.into(),
+            long_string(event.aggregate_id),
+        );
     }
     let properties = BasicProperties::default()
         .with_message_id(short_string("message id", event.message_id)?)

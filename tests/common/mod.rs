@@ -603,6 +603,10 @@ impl Cleanup {
                 self.queues.push(q.name);
             }
         }
+        // An ordered app's shard exchange too (its queues are listed above).
+        if let Some(shards) = &topology.shards {
+            self.exchange(&shards.name);
+        }
         self.exchange(&topology.exchange)
     }
 
