@@ -182,7 +182,8 @@ export class Publisher {
     if (!Number.isInteger(version) || version < 1) {
       throw invalid(`version = ${version} is invalid: the schema version is a whole number from 1`);
     }
-    const headers: Record<string, string | number> = {};
+    // What apps with [ordering] shard on, as burrow's own publisher sends it.
+    const headers: Record<string, string | number> = { 'burrow-aggregate-id': fields.aggregateId };
     // A message without the header is version 1, as burrow's own publisher sends it.
     if (version !== 1) headers['burrow-event-version'] = version;
     if (options.causationId !== undefined) {
