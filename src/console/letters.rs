@@ -5,14 +5,20 @@
 use std::{ops::ControlFlow, time::Duration};
 
 use axum::{
-    body::{Body, Bytes},
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, StatusCode, header},
+    body::Body,
+    extract::{Path, State},
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use maud::{Markup, html};
 
-use super::{Form, Peer, Shared, admit, admit_post, auth::Operator, error_page, pages};
+use super::{
+    Form, Shared,
+    auth::Operator,
+    error_page,
+    extract::{Read, Write},
+    pages,
+};
 use crate::{
     dlq::{self, DeadLetter, Filter},
     wire,
@@ -79,15 +85,11 @@ fn page_of(console: &Shared, operator: &Operator, title: &str, body: Markup) -> 
 /// actions on the selection and on the filter.
 pub(super) async fn list(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    RawQuery(query): RawQuery,
+    Read {
+        operator,
+        query: form,
+    }: Read,
 ) -> Response {
-    let operator = match admit(&console, &headers, &peer) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
-    let form = Form::parse(query.unwrap_or_default().as_bytes());
     let filter = match filter_of(&form) {
         Ok(f) => f,
         Err(e) => return bad_request(&console, &e),
@@ -238,14 +240,9 @@ fn urlencode(text: &str) -> String {
 /// `GET /console/letters/{id}`: one letter in full.
 pub(super) async fn detail(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
     Path(id): Path<String>,
+    Read { operator, .. }: Read,
 ) -> Response {
-    let operator = match admit(&console, &headers, &peer) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
     let letter = match dlq::show(&console.0.settings, &id).await {
         Ok(Some(letter)) => letter,
         Ok(None) => {
@@ -310,15 +307,11 @@ pub(super) async fn detail(
 /// lines, one [`dlq::to_json`] document each, as `burrow dlq export`.
 pub(super) async fn export(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    RawQuery(query): RawQuery,
+    Read {
+        operator,
+        query: form,
+    }: Read,
 ) -> Response {
-    let operator = match admit(&console, &headers, &peer) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
-    let form = Form::parse(query.unwrap_or_default().as_bytes());
     export_letters(&console, &operator, &form).await
 }
 
@@ -326,15 +319,8 @@ pub(super) async fn export(
 /// that its CSRF token never lands in a URL).
 pub(super) async fn export_selected(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    body: Bytes,
+    Write { operator, form }: Write,
 ) -> Response {
-    let form = Form::parse(&body);
-    let operator = match admit_post(&console, &headers, &peer, &form) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
     if form.all("ids").is_empty() {
         return bad_request(&console, "No letter is selected: tick at least one box.");
     }
@@ -385,15 +371,8 @@ async fn export_letters(console: &Shared, operator: &Operator, form: &Form) -> R
 /// `ids`; `scope=filter` replays everything the filter matches.
 pub(super) async fn replay(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    body: Bytes,
+    Write { operator, form }: Write,
 ) -> Response {
-    let form = Form::parse(&body);
-    let operator = match admit_post(&console, &headers, &peer, &form) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
     let filter = match (form.get("scope"), filter_of(&form)) {
         (_, Err(e)) => return bad_request(&console, &e),
         (Some("selected"), Ok(f)) if f.ids.is_empty() => {
@@ -451,15 +430,11 @@ pub(super) async fn replay(
 /// form that asks for that number typed out.
 pub(super) async fn purge_form(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    RawQuery(query): RawQuery,
+    Read {
+        operator,
+        query: form,
+    }: Read,
 ) -> Response {
-    let operator = match admit(&console, &headers, &peer) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
-    let form = Form::parse(query.unwrap_or_default().as_bytes());
     let filter = match filter_of(&form) {
         Ok(f) => f,
         Err(e) => return bad_request(&console, &e),
@@ -502,15 +477,8 @@ pub(super) async fn purge_form(
 /// filter, and only when `confirm` repeats that number.
 pub(super) async fn purge(
     State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    body: Bytes,
+    Write { operator, form }: Write,
 ) -> Response {
-    let form = Form::parse(&body);
-    let operator = match admit_post(&console, &headers, &peer, &form) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
     let mut filter = match filter_of(&form) {
         Ok(f) => f,
         Err(e) => return bad_request(&console, &e),

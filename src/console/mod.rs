@@ -27,6 +27,7 @@
 //! returns them.
 
 mod auth;
+mod extract;
 mod letters;
 mod overview;
 mod pages;
@@ -35,16 +36,18 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{ConnectInfo, FromRequestParts, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use maud::html;
 use tokio::sync::watch;
 
-use self::auth::{Access, Denied, Operator};
+use self::{
+    auth::{Access, Denied, Operator},
+    extract::Write,
+};
 use crate::{
     config::Settings, consumer::WorkerState, error::Result, metrics::Metrics, publisher::Publisher,
 };
@@ -146,51 +149,6 @@ impl Shared {
     }
 }
 
-/// The peer address, when the server records it (see
-/// [`crate::http::serve`]); a router embedded without it still works.
-struct Peer(Option<SocketAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
-    }
-}
-
-/// The request's operator, or the response that refuses it.
-/// (The refusal is boxed: a `Response` is large, and the admitted path is
-/// the common one.)
-fn admit(console: &Shared, headers: &HeaderMap, peer: &Peer) -> Result<Operator, Box<Response>> {
-    console
-        .0
-        .access
-        .admit(headers, peer.0)
-        .map_err(|denied| Box::new(refuse(console, denied)))
-}
-
-/// A POST's operator, after the CSRF and origin checks.
-fn admit_post(
-    console: &Shared,
-    headers: &HeaderMap,
-    peer: &Peer,
-    form: &Form,
-) -> Result<Operator, Box<Response>> {
-    let operator = admit(console, headers, peer)?;
-    operator
-        .check_post(headers, form.get("csrf"))
-        .map_err(|denied| {
-            tracing::warn!(target: "burrow::console", operator = %operator.who, "refused a POST: {denied:?}");
-            Box::new(refuse(console, denied))
-        })?;
-    Ok(operator)
-}
-
 fn refuse(console: &Shared, denied: Denied) -> Response {
     match denied {
         Denied::SignIn => Redirect::to("/console/login").into_response(),
@@ -265,14 +223,11 @@ fn login_page(console: &Shared, status: StatusCode, problem: Option<&str>) -> Re
     (status, pages::layout(console.app(), "Sign in", None, body)).into_response()
 }
 
-async fn login(
-    State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    let from = peer.0.map(|p| p.ip().to_string()).unwrap_or_default();
+async fn login(State(console): State<Shared>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let from = extract::peer(&parts)
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default();
     // Same-origin only, like every POST; there is no CSRF token before a
     // session exists.
     let anyone = Operator {
@@ -280,21 +235,21 @@ async fn login(
         csrf: None,
         signed_in: false,
     };
-    if let Err(denied) = anyone.check_post(&headers, None) {
+    if let Err(denied) = anyone.check_post(&parts.headers, None) {
         return refuse(&console, denied);
     }
+    let Ok(body) = axum::body::to_bytes(body, 4096).await else {
+        return login_page(
+            &console,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("The sign-in form is too large."),
+        );
+    };
+    let form = Form::parse(&body);
     match console.0.access.sign_in(form.get("token").unwrap_or("")) {
         Some(session) => {
             tracing::info!(target: "burrow::console", peer = %from, "console sign-in");
-            let cookie = format!(
-                "{}={session}; Path=/console; HttpOnly; SameSite=Strict",
-                auth::COOKIE
-            );
-            let mut response = Redirect::to("/console").into_response();
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                response.headers_mut().insert(header::SET_COOKIE, value);
-            }
-            response
+            with_cookie(Redirect::to("/console").into_response(), &session, "")
         }
         None => {
             tracing::warn!(target: "burrow::console", peer = %from, "console sign-in refused: wrong token");
@@ -307,23 +262,24 @@ async fn login(
     }
 }
 
-async fn logout(
-    State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(refused) = admit_post(&console, &headers, &peer, &form) {
-        return *refused;
-    }
+async fn logout(State(console): State<Shared>, headers: HeaderMap, _post: Write) -> Response {
     console.0.access.sign_out(&headers);
-    let mut response = Redirect::to("/console/login").into_response();
-    let expired = format!(
-        "{}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0",
+    with_cookie(
+        Redirect::to("/console/login").into_response(),
+        "",
+        "; Max-Age=0",
+    )
+}
+
+/// `response` setting the session cookie to `value` (with `extra`
+/// attributes): only the console's paths, never to scripts, never sent by
+/// another site.
+fn with_cookie(mut response: Response, value: &str, extra: &str) -> Response {
+    let cookie = format!(
+        "{}={value}; Path=/console; HttpOnly; SameSite=Strict{extra}",
         auth::COOKIE
     );
-    if let Ok(value) = HeaderValue::from_str(&expired) {
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response

@@ -8,13 +8,13 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use maud::html;
 use tokio::sync::watch;
 
-use super::{Peer, Shared, admit, error_page, pages};
+use super::{Shared, error_page, extract::Read, pages};
 use crate::{
     consumer::WorkerState,
     metrics::{Metrics, queues},
@@ -193,15 +193,7 @@ async fn depths(settings: &crate::Settings) -> crate::Result<Vec<QueueRow>> {
         .collect())
 }
 
-pub(super) async fn page(
-    State(console): State<Shared>,
-    headers: HeaderMap,
-    peer: Peer,
-) -> Response {
-    let operator = match admit(&console, &headers, &peer) {
-        Ok(op) => op,
-        Err(refused) => return *refused,
-    };
+pub(super) async fn page(State(console): State<Shared>, Read { operator, .. }: Read) -> Response {
     let settings = &console.0.settings;
     let rows = match depths(settings).await {
         Ok(rows) => rows,

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::Registry;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 impl Registry {
     /// Marks handler `name` as a broadcast handler: every running instance
@@ -33,20 +33,7 @@ impl Registry {
     /// # Ok::<(), burrow::Error>(())
     /// ```
     pub fn broadcast(&mut self, name: &str) -> Result<&mut Self> {
-        let known = self.names();
-        let handler = self
-            .handlers
-            .iter_mut()
-            .find(|h| &*h.name == name)
-            .ok_or_else(|| {
-                Error::registry(
-                    Some(name),
-                    format!(
-                        "cannot make {name:?} a broadcast handler: no handler has that name (registered: {known})"
-                    ),
-                )
-            })?;
-        handler.broadcast = true;
+        self.named(name, "broadcast")?.broadcast = true;
         Ok(self)
     }
 

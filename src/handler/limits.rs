@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use super::Registry;
+use super::{RegisteredHandler, Registry};
 use crate::{
     error::{Error, Result},
     limit::{HandlerLimits, LimitSettings, Limiter},
@@ -32,20 +32,7 @@ impl Registry {
     /// # Ok::<(), burrow::Error>(())
     /// ```
     pub fn limit(&mut self, name: &str, limits: HandlerLimits) -> Result<&mut Self> {
-        let known = self.names();
-        let handler = self
-            .handlers
-            .iter_mut()
-            .find(|h| &*h.name == name)
-            .ok_or_else(|| {
-                Error::registry(
-                    Some(name),
-                    format!(
-                        "cannot limit {name:?}: no handler has that name (registered: {known})"
-                    ),
-                )
-            })?;
-        handler.limits = limits;
+        self.named(name, "limit")?.limits = limits;
         Ok(self)
     }
 
@@ -56,19 +43,15 @@ impl Registry {
         for (name, configured) in settings {
             let from_settings = configured.limits(name)?;
             let known = self.names();
-            let handler = self
-                .handlers
-                .iter_mut()
-                .find(|h| &*h.name == name.as_str())
-                .ok_or_else(|| {
-                    Error::config(
-                        "limits",
-                        format!(
-                            "limits.\"{name}\" names no handler of this app (registered: {known}); \
-                             correct the name or remove the section"
-                        ),
-                    )
-                })?;
+            let handler = self.named(name, "limit").map_err(|_| {
+                Error::config(
+                    "limits",
+                    format!(
+                        "limits.\"{name}\" names no handler of this app (registered: {known}); \
+                         correct the name or remove the section"
+                    ),
+                )
+            })?;
             handler.limits = handler.limits.overridden_by(from_settings);
         }
         for handler in &mut self.handlers {
@@ -86,5 +69,22 @@ impl Registry {
             .map(|h| h.name())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Handler `name`, to `change` it; an unknown name is an error that
+    /// lists the registered ones.
+    pub(super) fn named(&mut self, name: &str, change: &str) -> Result<&mut RegisteredHandler> {
+        let known = self.names();
+        self.handlers
+            .iter_mut()
+            .find(|h| &*h.name == name)
+            .ok_or_else(|| {
+                Error::registry(
+                    Some(name),
+                    format!(
+                        "cannot {change} {name:?}: no handler has that name (registered: {known})"
+                    ),
+                )
+            })
     }
 }
