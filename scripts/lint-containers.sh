@@ -6,19 +6,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-log() { printf 'lint-containers: %s\n' "$*" >&2; }
-die() { printf 'lint-containers: error: %s\n' "$*" >&2; exit 1; }
-have() { command -v "$1" >/dev/null 2>&1; }
-can_apt() { [[ "$(id -u)" -eq 0 ]] && have apt-get; }
-
-apt_updated=""
-apt_install() {
-  if [[ -z "$apt_updated" ]]; then
-    apt-get update -qq >&2
-    apt_updated=yes
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
-}
+SCRIPT_NAME=lint-containers
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 
 # --- hadolint ------------------------------------------------------------------
 find_hadolint() {
