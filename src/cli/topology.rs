@@ -28,15 +28,21 @@ pub(super) async fn command(
     out: &Out,
 ) -> CliResult {
     let topology = Topology::for_app(settings, registry);
+    let chain = crate::DelayChain::new(&settings.amqp.exchange);
     let json = || serde_json::to_value(&topology).expect("a topology is plain data");
     match action.unwrap_or(TopologyAction::Show) {
-        TopologyAction::Show => out.either(&topology.to_string(), &json()),
+        TopologyAction::Show => out.either(&format!("{topology}{}", delay_line(&chain)), &json()),
         TopologyAction::Apply => {
             let conn = connection::open(&settings.amqp, "burrow topology").await?;
-            let result = topology.declare(&conn).await;
+            // The delay chain too, so that publishers of delayed events can
+            // run without the configure permission (docs/wire-contract.md §10).
+            let result = match topology.declare(&conn).await {
+                Ok(()) => chain.declare(&conn).await,
+                Err(e) => Err(e),
+            };
             let _ = conn.close(200, "done".into()).await;
             result?;
-            out.text(&topology.to_string())?;
+            out.text(&format!("{topology}{}", delay_line(&chain)))?;
             out.line(&format!("declared on {}", settings.amqp.url))?;
             out.json(
                 &serde_json::json!({ "declared": json(), "broker": settings.amqp.url.to_string() }),
@@ -76,5 +82,19 @@ pub(super) async fn command(
                 }
             ))
         }
+    }
+}
+
+/// The delay chain in one line: its levels' names, first and last.
+fn delay_line(chain: &crate::DelayChain) -> String {
+    let levels = chain.levels();
+    match (levels.first(), levels.last()) {
+        (Some(first), Some(last)) => format!(
+            "delay chain {} … {} ({} levels: exchange and quorum queue each, for delayed events)\n",
+            first.name,
+            last.name,
+            levels.len()
+        ),
+        _ => String::new(),
     }
 }

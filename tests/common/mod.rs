@@ -661,6 +661,12 @@ impl Drop for Cleanup {
                         }
                     }
                     for ex in &exchanges {
+                        // The delay chain in front of it, when anything
+                        // declared one (`burrow topology apply`, a delayed
+                        // publish); deleting what is not there is harmless.
+                        if let Err(e) = burrow::DelayChain::new(ex).delete(&conn).await {
+                            eprintln!("cleanup: deleting the delay chain of {ex}: {e}");
+                        }
                         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
                         if let Err(e) = ch
                             .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
