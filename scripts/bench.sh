@@ -9,7 +9,8 @@
 #   ROUNDS     rounds of alternation between the sides (default 3)
 #   SIDES      burrow,batched,baseline (default: all three, in that order)
 #   KINDS      queue kinds (default classic,quorum)
-#   SCENARIOS  pipeline,split,latency,idle,failure (default: all of them)
+#   SCENARIOS  pipeline,split,latency,idle,failure (default: all of them), and
+#              workers (WORKERS=1,2,4 processes draining one queue together)
 #   SOAK_N     events of the optional soak (default 0: off; e.g. 1000000)
 #   SKIP_E2E=1 / SKIP_MICRO=1   run only one of the two parts
 #   NODE_REF=0 skip the Node amqplib reference row (benches/node)

@@ -209,6 +209,8 @@ enum Scenario {
     Retry,
     Dead,
     Soak,
+    /// One of several worker processes draining one queue together.
+    Share,
 }
 
 /// What the handler does.
@@ -293,6 +295,15 @@ struct RunResult {
     /// Soak: (seconds, messages handled, RSS kB).
     timeline: Vec<(f64, u64, u64)>,
     error: Option<String>,
+    /// Share: when this process handled its first and its last message
+    /// (CLOCK_MONOTONIC ns, comparable across the processes).
+    #[serde(default)]
+    first_ns: Option<u64>,
+    #[serde(default)]
+    last_ns: Option<u64>,
+    /// Workers: how many processes drained the queue together.
+    #[serde(default)]
+    workers: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1121,6 +1132,41 @@ fn confirm_checker(
 // Child: one measured run
 // ---------------------------------------------------------------------------
 
+/// Runs `command` (this binary, or perf around it) as the child of `spec`
+/// and reads its result; `None` when it printed none.
+fn child_result(mut command: Command, spec: &Spec) -> Option<RunResult> {
+    let mut child = command
+        .arg("--child")
+        .arg(serde_json::to_string(spec).expect("spec serializes"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn a child run");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(spec.timeout_secs + 60);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = reader.join().unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .next_back()
+        .and_then(|json| serde_json::from_str::<RunResult>(json).ok())
+}
+
 fn run_child(spec: Spec) -> RunResult {
     if let Ok(filter) = std::env::var("BENCH_LOG") {
         // For looking inside a run (e.g. BENCH_LOG=burrow::consumer::ack=debug); not
@@ -1155,7 +1201,8 @@ fn run_child(spec: Spec) -> RunResult {
     });
     // Only the consume-side scenarios own the entities left by `publish`;
     // every scenario but `publish` cleans up after itself.
-    if spec.scenario != Scenario::Publish || result.error.is_some() {
+    // A share's queue belongs to its siblings too: the parent deletes it.
+    if !matches!(spec.scenario, Scenario::Publish | Scenario::Share) || result.error.is_some() {
         let _ = rt.block_on(delete_entities(&spec.url, &spec));
     }
     result.side = Some(spec.side);
@@ -1251,6 +1298,43 @@ async fn scenario(spec: &Spec) -> BoxResult<RunResult> {
             r.ack_frames_per_10k = Some(frames as f64 * 10_000.0 / spec.n.max(1) as f64);
             sampler.finish();
         }
+        Scenario::Share => {
+            // Drains its share of a queue other processes drain too: until
+            // the queue is empty and nothing arrived for a while.
+            let sink = Sink::new(u64::MAX, false);
+            let start = Probe::now(spec.broker_pid);
+            let consumer = Consumer::start(spec, sink.clone(), Mode::Ok).await?;
+            let conn = connect(&spec.url, "bench share probe").await?;
+            let ch = conn.create_channel().await?;
+            let queue = burrow_settings(spec).app_queue();
+            let queue = if spec.side == Side::Burrow {
+                queue
+            } else {
+                baseline_queue(spec)
+            };
+            let (mut seen, mut changed) = (0u64, Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let now = sink.count();
+                if now != seen {
+                    if seen == 0 {
+                        r.first_ns = Some(monotonic_ns());
+                    }
+                    seen = now;
+                    r.last_ns = Some(monotonic_ns());
+                    changed = Instant::now();
+                } else if changed.elapsed() > Duration::from_millis(500)
+                    && queue_depth(&ch, &queue).await? == 0
+                {
+                    break;
+                }
+            }
+            let end = Probe::now(spec.broker_pid);
+            start.window(&end, seen.max(1), &mut r);
+            r.n = seen;
+            let _ = conn.close(200, "done".into()).await;
+            consumer.stop().await?;
+        }
         Scenario::Retry | Scenario::Dead => {
             let (mode, target) = if spec.scenario == Scenario::Retry {
                 let t = burrow_topology(spec);
@@ -1306,6 +1390,8 @@ struct Config {
     sides: Vec<Side>,
     out: PathBuf,
     timeout_secs: u64,
+    /// `workers` scenario: the process counts to drain one queue with.
+    workers: Vec<u32>,
     /// `scenario:side` pairs whose runs go under `perf record` (not reported).
     perf: Vec<String>,
 }
@@ -1394,6 +1480,12 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| PathBuf::from("target/bench_e2e/results.json")),
             timeout_secs: env_or("CHILD_TIMEOUT_SECS", 900u64),
+            workers: std::env::var("WORKERS")
+                .unwrap_or_else(|_| "1,2,4".into())
+                .split(',')
+                .filter_map(|k| k.trim().parse().ok())
+                .filter(|k| *k > 0)
+                .collect(),
         }
     }
 }
@@ -1452,7 +1544,7 @@ impl Parent {
         let scenario = format!("{:?}", spec.scenario).to_lowercase();
         let side = format!("{:?}", spec.side).to_lowercase();
         let profiled = self.cfg.perf.contains(&format!("{scenario}:{side}"));
-        let mut command = if profiled {
+        let command = if profiled {
             let dir = self.cfg.out.parent().unwrap_or(std::path::Path::new("."));
             let _ = std::fs::create_dir_all(dir);
             let data = dir.join(format!(
@@ -1473,38 +1565,7 @@ impl Parent {
         } else {
             Command::new(&exe)
         };
-        let mut child = command
-            .arg("--child")
-            .arg(serde_json::to_string(spec).expect("spec serializes"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn a child run");
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + Duration::from_secs(spec.timeout_secs + 60);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = reader.join().unwrap_or_default();
-        let parsed = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("RESULT "))
-            .next_back()
-            .and_then(|json| serde_json::from_str::<RunResult>(json).ok());
-        match parsed {
+        match child_result(command, spec) {
             Some(r) if r.error.is_none() && profiled => {
                 eprintln!("{:>9.0} msg/s under perf (not reported)", r.rate);
                 Some(r)
@@ -1529,6 +1590,78 @@ impl Parent {
                 None
             }
         }
+    }
+
+    /// `k` worker processes drain one queue of `n` messages together: the
+    /// fill is published first (not a measurement), then the workers start
+    /// at once. Throughput is over the span from the first message any of
+    /// them handled to the last; CPU is theirs summed, and the broker's
+    /// from around the whole drain.
+    fn workers(&mut self, side: Side, kind: Kind, round: u32, k: u32) {
+        let mut spec = self.spec(side, kind, Scenario::Publish, round, self.cfg.n);
+        let fill = self.run(&spec);
+        self.results
+            .pop_if(|r| r.scenario == Some(Scenario::Publish));
+        if fill.is_none() {
+            return;
+        }
+        spec.scenario = Scenario::Share;
+        eprint!(
+            "  workers  {:<7} {:<8} round {round} k={k} ... ",
+            format!("{kind:?}").to_lowercase(),
+            format!("{side:?}").to_lowercase(),
+        );
+        let broker_before = spec.broker_pid.and_then(cpu_of_pid_s);
+        let children: Vec<_> = (0..k)
+            .map(|_| {
+                let spec = spec.clone();
+                std::thread::spawn(move || child_result(Command::new("/proc/self/exe"), &spec))
+            })
+            .collect();
+        let shares: Vec<RunResult> = children
+            .into_iter()
+            .filter_map(|c| c.join().ok().flatten())
+            .collect();
+        let broker_after = spec.broker_pid.and_then(cpu_of_pid_s);
+        if shares.len() != k as usize || shares.iter().any(|r| r.error.is_some()) {
+            eprintln!("FAILED: a worker failed or printed no result");
+            return;
+        }
+        let n: u64 = shares.iter().map(|r| r.n).sum();
+        let first = shares.iter().filter_map(|r| r.first_ns).min().unwrap_or(0);
+        let last = shares.iter().filter_map(|r| r.last_ns).max().unwrap_or(0);
+        let secs = (last.saturating_sub(first)) as f64 / 1e9;
+        let cpu_s: f64 = shares.iter().map(|r| r.cpu_s).sum();
+        let r = RunResult {
+            side: Some(side),
+            kind: Some(kind),
+            scenario: Some(Scenario::Share),
+            round,
+            n,
+            secs,
+            rate: n as f64 / secs.max(1e-9),
+            cpu_s,
+            cpu_per_10k: cpu_s / n.max(1) as f64 * 10_000.0,
+            broker_cpu_per_10k: broker_before
+                .zip(broker_after)
+                .map(|(a, b)| (b - a) / n.max(1) as f64 * 10_000.0),
+            hwm_kb: shares.iter().map(|r| r.hwm_kb).max().unwrap_or(0),
+            workers: Some(k),
+            ..Default::default()
+        };
+        eprintln!(
+            "{:>9.0} msg/s  cpu {:.3} s/10k  shares {:?}",
+            r.rate,
+            r.cpu_per_10k,
+            shares.iter().map(|s| s.n).collect::<Vec<_>>()
+        );
+        if n != self.cfg.n {
+            eprintln!(
+                "    (handled {n} of {}: redeliveries or a short drain)",
+                self.cfg.n
+            );
+        }
+        self.results.push(r);
     }
 
     fn schedule(&mut self) {
@@ -1582,8 +1715,17 @@ impl Parent {
                                 }
                             }
                         }
+                        "workers" => {
+                            for k in self.cfg.workers.clone() {
+                                for &side in &sides {
+                                    if side != Side::Baseline {
+                                        self.workers(side, kind, round, k);
+                                    }
+                                }
+                            }
+                        }
                         other => panic!(
-                            "unknown scenario {other:?} (pipeline, split, latency, idle, failure)"
+                            "unknown scenario {other:?} (pipeline, split, latency, idle, failure, workers)"
                         ),
                     }
                 }
@@ -1913,6 +2055,42 @@ fn report(results: &[RunResult], cfg: &Config) -> String {
                 r.rss_end_kb as f64 / 1024.0,
                 r.hwm_kb as f64 / 1024.0
             );
+        }
+    }
+    let shares: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.scenario == Some(Scenario::Share))
+        .collect();
+    if !shares.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Worker processes draining one queue together\n\n\
+             | queue | side | processes | throughput, msg/s, median [min–max] | client CPU, s per 10k (all processes) | broker CPU, s per 10k |\n\
+             |---|---|---|---|---|---|"
+        );
+        for &kind in &cfg.kinds {
+            for side in [Side::Burrow, Side::Batched] {
+                for &k in &cfg.workers {
+                    let runs: Vec<&RunResult> = shares
+                        .iter()
+                        .copied()
+                        .filter(|r| {
+                            r.kind == Some(kind) && r.side == Some(side) && r.workers == Some(k)
+                        })
+                        .collect();
+                    if runs.is_empty() {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        out,
+                        "| {kind:?} | {} | {k} | {} | {} | {} |",
+                        side.label(),
+                        cell(&runs, 0, |r| Some(r.rate)),
+                        cell(&runs, 3, |r| Some(r.cpu_per_10k)),
+                        cell(&runs, 3, |r| r.broker_cpu_per_10k),
+                    );
+                }
+            }
         }
     }
     out
