@@ -19,6 +19,7 @@ use crate::{
     consumer::WorkerState,
     metrics::{Metrics, queues},
     retry::RetryLadder,
+    topology::{QueueRole, Topology},
 };
 
 /// How often the worker's counters are sampled for the per-minute rates.
@@ -141,23 +142,30 @@ pub(super) struct QueueRow {
     pub(super) depth: Option<(u32, u32)>,
 }
 
-/// The app's queues in order: the app queue, each retry step, the
-/// dead-letter queue.
+/// The app's queues as its topology declares them (the app queue, each
+/// retry step, the dead-letter queue, an ordered app's shards), with a role
+/// for people.
 pub(super) fn queues(settings: &crate::Settings) -> Vec<(String, String)> {
-    let app = settings.app_queue();
-    let mut out = vec![("app queue".to_owned(), app.clone())];
-    for step in RetryLadder::new(&app, &settings.retry.delays).steps() {
-        out.push((
-            format!(
-                "retry step {} ({})",
-                step.number,
-                humantime::format_duration(step.delay)
-            ),
-            step.queue.clone(),
-        ));
-    }
-    out.push(("dead letters".to_owned(), settings.dead_letter_queue()));
-    out
+    let ladder = RetryLadder::new(&settings.app_queue(), &settings.retry.delays);
+    Topology::for_app(settings, &crate::Registry::new())
+        .queues
+        .into_iter()
+        .map(|q| {
+            let role = match q.role {
+                QueueRole::App => "app queue".to_owned(),
+                QueueRole::Retry(n) => ladder
+                    .steps()
+                    .iter()
+                    .find(|s| s.number == n)
+                    .map_or(format!("retry step {n}"), |s| {
+                        format!("retry step {n} ({})", humantime::format_duration(s.delay))
+                    }),
+                QueueRole::Dead => "dead letters".to_owned(),
+                QueueRole::Shard(n) => format!("shard {n} (one active consumer)"),
+            };
+            (role, q.name)
+        })
+        .collect()
 }
 
 /// Reads each queue's depth (the passive declare of [`queues::probe`]), on a
@@ -346,6 +354,24 @@ mod tests {
                 "events_library.retry.2.1m",
                 "events_library.dead"
             ]
+        );
+        settings.ordering.shards = 2;
+        let ordered: Vec<(String, String)> = queues(&settings);
+        assert_eq!(
+            ordered,
+            [
+                ("app queue".to_owned(), "events_library".to_owned()),
+                ("dead letters".to_owned(), "events_library.dead".to_owned()),
+                (
+                    "shard 1 (one active consumer)".to_owned(),
+                    "events_library.shard.1".to_owned()
+                ),
+                (
+                    "shard 2 (one active consumer)".to_owned(),
+                    "events_library.shard.2".to_owned()
+                ),
+            ],
+            "an ordered app has shards and no retry steps"
         );
     }
 }
