@@ -361,7 +361,7 @@ async fn status_relay_audit_and_cleanup() {
     }
     let text = app.ok(&["outbox", "status"]).await;
     assert!(
-        text.contains("pending 0, failing 0, oldest pending -"),
+        text.contains("pending 0, failing 0, oldest pending -, scheduled (not yet due) 0"),
         "{text}"
     );
 

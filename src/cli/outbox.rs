@@ -19,7 +19,8 @@ pub(super) enum OutboxAction {
         /// The aggregate id, e.g. card-1.
         aggregate_id: String,
     },
-    /// Pending and failing events and the age of the oldest pending one.
+    /// Pending and failing events, the age of the oldest pending one, and
+    /// the scheduled ones not yet due.
     Status,
     /// Apply burrow's migrations (event_outbox, event_inbox) to postgres.url.
     Migrate,
@@ -200,16 +201,18 @@ pub(super) async fn command(settings: &Settings, action: OutboxAction, out: &Out
                 .map(|d| Duration::from_millis(d.as_millis() as u64));
             out.either(
                 &format!(
-                    "pending {}, failing {}, oldest pending {}\n",
+                    "pending {}, failing {}, oldest pending {}, scheduled (not yet due) {}\n",
                     backlog.pending,
                     backlog.failing,
                     oldest.map_or("-".to_owned(), |d| humantime::format_duration(d)
-                        .to_string())
+                        .to_string()),
+                    backlog.scheduled
                 ),
                 &serde_json::json!({
                     "pending": backlog.pending,
                     "failing": backlog.failing,
                     "oldest_pending_seconds": backlog.oldest.map(|d| d.as_secs_f64()),
+                    "scheduled": backlog.scheduled,
                 }),
             )
         }
