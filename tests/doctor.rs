@@ -57,6 +57,35 @@ fn status<'a>(doc: &'a Value, id: &str) -> &'a str {
     }
 }
 
+/// An ordered app: doctor checks its shard exchange, which exists only
+/// once declared (and only where the consistent-hash plugin is enabled).
+#[tokio::test]
+async fn doctor_checks_an_ordered_apps_shard_exchange() {
+    let mut settings = TestApp::new("doctor-ordered").build();
+    settings.ordering.shards = 2;
+    let mut cleanup = Cleanup::new();
+    cleanup.app(&settings);
+    let burrow = Burrow::new(&settings, &amqp_url())
+        .without("BURROW__MANAGEMENT__URL")
+        .with("BURROW__ORDERING__SHARDS", "2");
+
+    let (code, doc) = doctor(&burrow).await;
+    assert_eq!(code, Some(7), "{doc}");
+    assert_eq!(status(&doc, "topology.shards"), "fail", "{doc}");
+    let (_, detail) = checks(&doc, "topology.shards")[0];
+    assert!(
+        detail.contains(&format!("{}.shards", settings.app_queue())),
+        "{detail}"
+    );
+
+    let (code, text) = burrow.run(&["topology", "apply"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let (code, doc) = doctor(&burrow).await;
+    assert_eq!(code, Some(0), "{doc}");
+    assert_eq!(status(&doc, "topology.shards"), "pass", "{doc}");
+    assert_eq!(status(&doc, "topology.queues"), "pass", "{doc}");
+}
+
 #[tokio::test]
 async fn without_the_management_api_doctor_checks_over_amqp_and_says_what_it_could_not() {
     let settings = TestApp::new("doctor").build();
