@@ -310,7 +310,7 @@ impl Pipeline {
             Some(names) if !names.is_empty() => {
                 for name in names {
                     match self.registry.get(name) {
-                        Some(h) => selected.push(h.clone()),
+                        Some(h) => selected.push(h),
                         None => runs.push(HandlerRun {
                             handler: Arc::from(name.as_str()),
                             result: Err(Failure::UnknownHandler),
@@ -320,7 +320,7 @@ impl Pipeline {
                     }
                 }
             }
-            _ => selected.extend(self.registry.subscribed_to(&incoming.event_type).cloned()),
+            _ => selected.extend(self.registry.subscribed_to(&incoming.event_type)),
         }
         if selected.is_empty() && runs.is_empty() {
             let settlement = Settlement::Ignore {
