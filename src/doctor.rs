@@ -3,6 +3,8 @@
 //! checked (no management API configured, an endpoint the broker lacks) is
 //! said plainly instead of passed.
 
+mod shards;
+
 use std::time::Duration;
 
 use serde::Serialize;
@@ -138,7 +140,7 @@ pub(crate) async fn run(settings: &Settings, registry: &Registry) -> Result<Vec<
 
     let drifts = verify::verify(&topology, &conn).await;
     if let Some(shards) = &topology.shards {
-        checks.push(shard_exchange_check(&conn, shards).await);
+        checks.push(shards::shard_exchange_check(&conn, shards).await);
     }
     let _ = conn.close(200, "doctor done".into()).await;
     match drifts {
@@ -227,56 +229,6 @@ fn topology_checks(topology: &Topology, drifts: &[Drift], checks: &mut Vec<Check
             Some("run `burrow topology apply` (or start the worker), which declares them".into()),
         )
     });
-}
-
-/// An ordered app's shard exchange exists: then the broker knows the
-/// `x-consistent-hash` type (an exchange of an unknown type cannot be
-/// declared). A passive declare, so doctor changes nothing.
-async fn shard_exchange_check(conn: &lapin::Connection, shards: &crate::ShardExchange) -> Check {
-    let probe = async {
-        let channel = conn.create_channel().await?;
-        let declared = channel
-            .exchange_declare(
-                shards.name.as_str().into(),
-                lapin::ExchangeKind::Custom("x-consistent-hash".into()),
-                lapin::options::ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "doctor".into()).await;
-        }
-        declared
-    };
-    match probe.await {
-        Ok(()) => check(
-            "topology.shards",
-            Status::Pass,
-            format!(
-                "the shard exchange {} routes to {} shard queues",
-                shards.name,
-                shards.shard_queues.len()
-            ),
-            None,
-        ),
-        Err(e) => check(
-            "topology.shards",
-            Status::Fail,
-            format!(
-                "the shard exchange {} is missing ({})",
-                shards.name,
-                crate::redact::redact(&e.to_string())
-            ),
-            Some(
-                "run `burrow topology apply` (or start a worker); it needs the consistent-hash \
-                 exchange: `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` on every node"
-                    .into(),
-            ),
-        ),
-    }
 }
 
 fn delivery_limit_check(settings: &Settings) -> Check {
