@@ -44,6 +44,7 @@ pub(crate) const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 /// A queue argument value.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum ArgValue {
     /// A string argument (`x-queue-type`).
     Str(String),
@@ -66,6 +67,7 @@ impl fmt::Display for ArgValue {
 /// What a queue is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum QueueRole {
     /// The app queue the worker consumes.
     App,

@@ -174,18 +174,10 @@ async fn retry_steps_an_earlier_burrow_declared_are_kept() {
         .iter()
         .find(|q| matches!(q.role, burrow::QueueRole::Retry(_)))
         .expect("a retry step");
-    let mut args = FieldTable::default();
-    for (key, value) in &retry.arguments {
-        if key == "x-delivery-limit" {
-            continue;
-        }
-        let value = match value {
-            burrow::ArgValue::Str(s) => AMQPValue::LongString(s.as_str().into()),
-            burrow::ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
-            burrow::ArgValue::Bool(b) => AMQPValue::Boolean(*b),
-        };
-        args.insert(key.as_str().into(), value);
-    }
+    // The step as an earlier burrow declared it: without x-delivery-limit.
+    let mut older = retry.clone();
+    older.arguments.remove("x-delivery-limit");
+    let args = older.argument_table().expect("valid arguments");
     raw.channel
         .queue_declare(
             retry.name.as_str().into(),

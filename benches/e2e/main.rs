@@ -64,7 +64,6 @@
 //! its own, and the parent sweeps all of them again at the end.
 
 use std::{
-    collections::BTreeMap,
     io::Read as _,
     path::PathBuf,
     process::{Command, Stdio},
@@ -76,7 +75,7 @@ use std::{
 };
 
 use burrow::{
-    ArgValue, Context, DomainEvent, Event, HandlerError, Publisher, Registry, Settings, Topology,
+    Context, DomainEvent, Event, HandlerError, Publisher, Registry, Settings, Topology,
     WorkerHandle,
     config::{AmqpUrl, QueueType},
 };
@@ -90,7 +89,7 @@ use lapin::{
         BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
         QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{FieldTable, LongString},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -700,19 +699,6 @@ fn entities(spec: &Spec) -> (Vec<String>, Vec<String>) {
     }
 }
 
-fn field_table(args: &BTreeMap<String, ArgValue>) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (k, v) in args {
-        let value = match v {
-            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
-            ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
-            ArgValue::Bool(b) => AMQPValue::Boolean(*b),
-        };
-        table.insert(ShortString::from(k.as_str()), value);
-    }
-    table
-}
-
 async fn connect(url: &str, name: &str) -> BoxResult<Connection> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(name.as_bytes().to_vec()));
@@ -733,7 +719,7 @@ async fn baseline_declare(conn: &Connection, spec: &Spec) -> BoxResult<()> {
         FieldTable::default(),
     )
     .await?;
-    let args = field_table(&burrow_topology(spec).app_queue().arguments);
+    let args = burrow_topology(spec).app_queue().argument_table()?;
     ch.queue_declare(
         baseline_queue(spec).into(),
         QueueDeclareOptions::durable(),
