@@ -290,6 +290,15 @@ impl Drop for TestWorker {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        // A current-thread runtime runs the shutdown only once this thread
+        // returns to it: waiting here would only time out. Ask for it and go
+        // on; the runtime ends the worker with the test at the latest.
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(WAIT, handle.shutdown()).await;
+            });
+            return;
+        }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         runtime.spawn(async move {
             let _ = tokio::time::timeout(WAIT, handle.shutdown()).await;
