@@ -199,17 +199,7 @@ impl Publisher {
 
     /// Publishes one event with explicit ids.
     pub async fn publish_with<E: DomainEvent>(&self, event: &E, meta: EventMeta) -> Result<()> {
-        let body = serde_json::to_vec(event).map_err(|source| Error::Serialize {
-            event_type: E::EVENT_TYPE.to_owned(),
-            source,
-        })?;
-        let props = self.event_properties(
-            E::EVENT_TYPE,
-            E::VERSION,
-            event.occurred_at().timestamp().max(0) as u64,
-            &event.aggregate_id(),
-            meta,
-        )?;
+        let (body, props) = self.encode(event, meta)?;
         self.send_counted(
             E::EVENT_TYPE,
             &self.inner.exchange,
@@ -415,6 +405,26 @@ impl Publisher {
                 routing_key: routing_key.to_owned(),
             }),
         }
+    }
+
+    /// `event`'s body and properties, as every typed publish sends them.
+    fn encode<E: DomainEvent>(
+        &self,
+        event: &E,
+        meta: EventMeta,
+    ) -> Result<(Vec<u8>, BasicProperties)> {
+        let body = serde_json::to_vec(event).map_err(|source| Error::Serialize {
+            event_type: E::EVENT_TYPE.to_owned(),
+            source,
+        })?;
+        let properties = self.event_properties(
+            E::EVENT_TYPE,
+            E::VERSION,
+            event.occurred_at().timestamp().max(0) as u64,
+            &event.aggregate_id(),
+            meta,
+        )?;
+        Ok((body, properties))
     }
 
     fn event_properties(

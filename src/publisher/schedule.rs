@@ -181,17 +181,7 @@ impl Publisher {
         }
         let chain = &self.inner.delay;
         let key = chain.routing_key(E::EVENT_TYPE, waits)?;
-        let body = serde_json::to_vec(event).map_err(|source| Error::Serialize {
-            event_type: E::EVENT_TYPE.to_owned(),
-            source,
-        })?;
-        let properties = self.event_properties(
-            E::EVENT_TYPE,
-            E::VERSION,
-            event.occurred_at().timestamp().max(0) as u64,
-            &event.aggregate_id(),
-            meta,
-        )?;
+        let (body, properties) = self.encode(event, meta)?;
         let mut table = properties.headers().clone().unwrap_or_default();
         // The delivery's routing key is the chain's; the consumer reads the
         // event type from this header instead (docs/wire-contract.md §7).
